@@ -1,0 +1,1 @@
+"""Nuclei instance segmentation and classification with SAM adapters."""

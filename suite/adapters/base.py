@@ -1,0 +1,139 @@
+"""The adapter contract every method honours.
+
+An :class:`AdapterSpec` is a small dataclass that says *which* layers to adapt and *how*;
+``spec.wrap(name, layer)`` returns an :class:`AdapterLayer` that owns the frozen
+``base_layer`` and adds a delta. Everything generic (matching names, freezing, saving,
+merging) is written once in ``suite/adapters/__init__.py`` against this contract, so a new
+method is one file with a spec and a layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+from jsonargparse import set_parsing_settings
+from torch import nn
+
+_REGEX_CHARS = set("^$*+?[]()|\\{}")
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """True if ``pattern`` is ``name`` itself, a dotted suffix of it, or a regex matching it fully.
+
+    A pattern is read as a regex only when it holds a regex metacharacter other than ``.``,
+    because dotted module paths such as ``blocks.0.attn.qkv`` are the common case.
+    """
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    if _REGEX_CHARS & set(pattern):
+        return re.fullmatch(pattern, name) is not None
+    return False
+
+
+def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    return any(name_matches(name, p) for p in patterns)
+
+
+@dataclass
+class AdapterSpec:
+    """Which layers to adapt (``targets`` minus ``exclude``) and which modules train fully.
+
+    Subclasses add the method's hyperparameters and implement :meth:`wrap`.
+    """
+
+    targets: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+
+    #: registry name, written to adapter configs so ``load_adapters`` can rebuild the spec
+    method: ClassVar[str] = ""
+    #: True when the method needs calibration data before training (see ``init_adapters``)
+    needs_calibration: ClassVar[bool] = False
+    #: True when ``export_peft`` can write this method in the Hugging Face PEFT format
+    peft_exportable: ClassVar[bool] = False
+
+    def wrap(self, name: str, layer: nn.Module) -> "AdapterLayer":
+        """Return the adapter layer that replaces ``layer`` (found at ``name``)."""
+        raise NotImplementedError
+
+    def selects(self, name: str) -> bool:
+        return matches_any(name, self.targets) and not matches_any(name, self.exclude)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        # tuples become lists so the JSON round-trip is exact
+        return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+
+
+# Specs are dataclasses, which jsonargparse reads field by field unless told otherwise. Enabling
+# subclasses lets a YAML (and LightningCLI's checkpoint instantiator) choose any method with
+# ``class_path: suite.adapters.MiCA``.
+set_parsing_settings(subclasses_enabled=[AdapterSpec])
+
+
+class AdapterLayer(nn.Module):
+    """A frozen ``base_layer`` plus a trainable delta.
+
+    Subclasses implement ``forward`` and :meth:`delta_weight` (when the method has a weight
+    delta), and may override :meth:`aux_loss` (e.g. a router's balance loss).
+    """
+
+    def __init__(self, base_layer: nn.Module, spec: AdapterSpec) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.spec = spec
+        self.merged = False
+
+    # --- the contract -------------------------------------------------------------------
+    def adapter_params(self) -> list[str]:
+        """Names (relative to this layer) of the parameters the method trains."""
+        return [n for n, _ in self.named_parameters() if not n.startswith("base_layer.")]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the method owns (trained parameters and frozen buffers), not the base."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("base_layer.")}
+
+    def delta_weight(self) -> torch.Tensor | None:
+        """The update that :meth:`merge` adds to ``base_layer.weight``; ``None`` if not mergeable."""
+        return None
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """An auxiliary loss from the last forward (e.g. router load balance), or ``None``."""
+        return None
+
+    # --- merging, written once against delta_weight() ---------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        delta = self._checked_delta()
+        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        delta = self._checked_delta()
+        self.base_layer.weight.sub_(delta.to(self.base_layer.weight.dtype))
+        self.merged = False
+
+    def _checked_delta(self) -> torch.Tensor:
+        delta = self.delta_weight()
+        if delta is None:
+            raise NotImplementedError(f"{type(self).__name__} has no weight delta and cannot be merged")
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"method={self.spec.method}, merged={self.merged}"
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(name, layer) for every adapter layer in ``model``, outermost first."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module

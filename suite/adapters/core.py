@@ -1,0 +1,227 @@
+"""Generic operations written once against the adapter contract: inject, freeze, merge, save, load."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .base import AdapterLayer, AdapterSpec, adapter_layers, matches_any
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "suite-adapters/1"
+
+#: ``model.<_RECORD>`` lists every spec injected into a model, in order, with its layers
+_RECORD = "_suite_adapters"
+
+
+class AdapterLoadError(RuntimeError):
+    """Saved adapter state does not fit the model; the message lists every offending key."""
+
+
+@dataclass
+class AdapterReport:
+    """Parameter counts after injection (the numbers papers quote as "trainable %")."""
+
+    total: int
+    trainable: int
+    adapted: list[str] = field(default_factory=list)
+    method: str = ""
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.method or 'model'}: {self.trainable:,} trainable / {self.total:,} total "
+            f"({self.percent:.3f} %) over {len(self.adapted)} adapted layers"
+        )
+
+
+def parameter_report(model: nn.Module, method: str = "") -> AdapterReport:
+    """Count parameters once each (tied weights are shared, not double counted)."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return AdapterReport(total, trainable, [n for n, _ in adapter_layers(model)], method)
+
+
+def _registry() -> dict[str, type[AdapterSpec]]:
+    """Method name -> spec class, for every AdapterSpec subclass imported so far."""
+    out: dict[str, type[AdapterSpec]] = {}
+    stack = list(AdapterSpec.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        if cls.method:
+            out[cls.method] = cls
+        stack.extend(cls.__subclasses__())
+    return out
+
+
+def spec_from_dict(d: dict[str, Any]) -> AdapterSpec:
+    """Rebuild a spec from :meth:`AdapterSpec.to_dict` output (as written in adapter configs)."""
+    d = dict(d)
+    method = d.pop("method", None)
+    registry = _registry()
+    if method not in registry:
+        raise ValueError(f"unknown adapter method {method!r}; known: {sorted(registry)}")
+    return registry[method](**d)
+
+
+def spec_to_config(spec: AdapterSpec) -> dict[str, Any]:
+    """``{"class_path", "init_args"}``: the form LightningCLI and checkpoint hyperparameters use."""
+    d = spec.to_dict()
+    d.pop("method")
+    return {"class_path": f"{type(spec).__module__}.{type(spec).__qualname__}", "init_args": d}
+
+
+def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
+    """Inverse of :func:`spec_to_config`; also accepts the flat :meth:`AdapterSpec.to_dict` form."""
+    if "class_path" not in config:
+        return spec_from_dict(config)
+    module_name, _, cls_name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, AdapterSpec)):
+        raise ValueError(f"adapter class_path {config['class_path']!r} is not an AdapterSpec")
+    return cls(**config.get("init_args", {}))
+
+
+def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
+    """Wrap every layer that ``spec`` selects, freeze everything else, return the report.
+
+    Layers inside an existing adapter (its ``base_layer``) are not re-wrapped. Parameters of
+    ``spec.modules_to_save`` stay trainable. Earlier adapters keep their trainable state, so
+    specs can be stacked (e.g. LoRA on attention after an expert bank).
+    """
+    if not spec.targets:
+        raise ValueError(f"{type(spec).__name__}.targets is empty: name the layers to adapt")
+    inside_adapter = {n for n, _ in adapter_layers(model)}
+    selected = [
+        (name, mod)
+        for name, mod in model.named_modules()
+        if name
+        and spec.selects(name)
+        and not isinstance(mod, AdapterLayer)
+        and not any(name.startswith(a + ".") for a in inside_adapter)
+    ]
+    if not selected:
+        candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
+        raise ValueError(
+            f"{type(spec).__name__}(targets={spec.targets}, exclude={spec.exclude}) matched no module. "
+            f"Some candidates: {candidates[:12]}"
+        )
+    previously_trainable = {id(p) for _, layer in adapter_layers(model) for p in _adapter_parameters(layer)}
+    for name, mod in selected:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, spec.wrap(name, mod))
+    for p in model.parameters():
+        p.requires_grad_(id(p) in previously_trainable)
+    for _, layer in adapter_layers(model):
+        for p in _adapter_parameters(layer):
+            p.requires_grad_(True)
+    for name, mod in model.named_modules():
+        if name and spec.modules_to_save and matches_any(name, spec.modules_to_save):
+            mod.requires_grad_(True)
+    record = getattr(model, _RECORD, [])
+    record.append({"spec": spec.to_dict(), "layers": [n for n, _ in selected]})
+    object.__setattr__(model, _RECORD, record)  # plain attribute, not a submodule
+    return parameter_report(model, spec.method)
+
+
+def _adapter_parameters(layer: AdapterLayer) -> list[nn.Parameter]:
+    names = set(layer.adapter_params())
+    return [p for n, p in layer.named_parameters() if n in names]
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter delta into its base weight (inference then costs what the base costs)."""
+    for _, layer in adapter_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo :func:`merge` exactly (to floating-point round-off)."""
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def _saved_modules(model: nn.Module) -> list[str]:
+    patterns = [p for r in getattr(model, _RECORD, []) for p in r["spec"].get("modules_to_save", [])]
+    names = [n for n, _ in model.named_modules() if n and patterns and matches_any(n, patterns)]
+    # keep only outermost matches so nothing is saved twice
+    return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors (not base weights) plus ``modules_to_save``, keyed by full module path."""
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in adapter_layers(model):
+        for k, v in layer.adapter_state_dict().items():
+            state[f"{name}.{k}"] = v
+    for name in _saved_modules(model):
+        for k, v in model.get_submodule(name).state_dict().items():
+            state.setdefault(f"{name}.{k}", v)
+    return state
+
+
+def save_adapters(model: nn.Module, path: str | Path) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (adapter state only)."""
+    record = getattr(model, _RECORD, None)
+    if not record:
+        raise ValueError("the model has no injected adapters to save; call suite.adapters.inject first")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    save_file(state, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (path / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, "adapters": record}, indent=2))
+    return path
+
+
+def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> AdapterReport:
+    """Load adapters saved by :func:`save_adapters`, injecting them first if the model has none.
+
+    Raises :class:`AdapterLoadError` naming every missing, unexpected and mis-shaped key.
+    """
+    path = Path(path)
+    cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: expected a folder written by suite.adapters.save_adapters")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("format") != FORMAT:
+        raise AdapterLoadError(f"{cfg_file}: field 'format' is {cfg.get('format')!r}, expected {FORMAT!r}")
+    if not getattr(model, _RECORD, None):
+        for entry in cfg["adapters"]:
+            inject(model, spec_from_dict(entry["spec"]))
+    saved = load_file(str(weights_file))
+    own = adapter_state_dict(model)
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    misshaped = sorted(
+        f"{k}: saved {tuple(saved[k].shape)}, model {tuple(own[k].shape)}"
+        for k in set(own) & set(saved)
+        if saved[k].shape != own[k].shape
+    )
+    if misshaped or (strict and (missing or unexpected)):
+        lines = [f"adapters in {path} do not fit this model:"]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+        raise AdapterLoadError("\n".join(lines))
+    result = model.load_state_dict({k: saved[k] for k in own if k in saved}, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return parameter_report(model, "+".join(e["spec"]["method"] for e in cfg["adapters"]))

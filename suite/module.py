@@ -1,0 +1,306 @@
+"""``AdaptedModule``: the LightningModule every domain subclasses.
+
+It owns a frozen backbone, an adapter spec and trainable heads, and gives every domain the same
+lifecycle: inject adapters, optimise only what trains, report parameter counts, stop on a
+non-finite loss, run data-dependent adapter initialisation before the first step, keep
+checkpoints to trainable state, and shard for FSDP2.
+
+A domain writes::
+
+    class MyModule(AdaptedModule):
+        def __init__(self, depth: int = 4, adapter: AdapterSpec | None = None, **kw):
+            super().__init__(adapter=adapter, **kw)
+            with self.seeded():                 # frozen weights are rebuilt identically on load
+                self.backbone = build_backbone(depth)
+            self.head = nn.Linear(...)
+            self.adapt()                         # inject(self.backbone, adapter), freeze the rest
+
+        def compute_losses(self, batch) -> dict[str, Tensor]:   # must hold "loss"
+            ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from suite.adapters import AdapterReport, AdapterSpec, adapter_layers, inject, parameter_report
+from suite.adapters.core import spec_from_config, spec_to_config
+
+
+# Checkpoints deliberately omit frozen base weights and on_load_checkpoint verifies the keys
+# itself, so Lightning's list of "missing" frozen keys is noise.
+warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the checkpoint")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the run stops instead of corrupting the adapters."""
+
+
+def _default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+
+class AdaptedModule(L.LightningModule):
+    """Backbone + adapters + heads with the shared PEFT lifecycle.
+
+    Args:
+        adapter: the adapter spec injected into ``self.backbone`` by :meth:`adapt`; ``None``
+            freezes the backbone and trains only the heads (a linear probe).
+        optimizer: built over trainable parameters only (default AdamW, lr 1e-3).
+        scheduler: optional learning-rate scheduler, stepped every optimiser step.
+        aux_loss_weight: weight of the adapters' auxiliary losses (e.g. router balance).
+        backbone_seed: seed for randomly initialised frozen weights, so a rebuilt module has
+            the same frozen backbone the saved adapters were trained on.
+    """
+
+    def __init__(
+        self,
+        adapter: AdapterSpec | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        aux_loss_weight: float = 0.01,
+        backbone_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(adapter, dict):  # as stored in checkpoint hyperparameters
+            adapter = spec_from_config(adapter)
+        # every __init__ argument of the domain subclass is recorded (Lightning walks the
+        # __init__ frames); the spec is kept in class_path/init_args form so checkpoints load
+        # with weights_only=True and through LightningCLI's instantiator; the optimiser
+        # factories live in the run's config.yaml
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.hparams["adapter"] = spec_to_config(adapter) if adapter is not None else None
+        self.adapter = adapter
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.aux_loss_weight = aux_loss_weight
+        self.backbone_seed = backbone_seed
+        self.report: AdapterReport | None = None
+        self._fingerprint: str | None = None
+        self._batch_idx = -1
+        # checkpoints hold trainable state only; on_load_checkpoint checks the keys itself
+        self.strict_loading = False
+
+    # --- building ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def seeded(self, seed: int | None = None) -> Iterator[None]:
+        """Run a block with the global RNG seeded by ``backbone_seed``, then restore the RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.backbone_seed if seed is None else seed)
+            yield
+
+    def adapt(self, target: nn.Module | None = None) -> AdapterReport:
+        """Inject ``self.adapter`` into ``target`` (default ``self.backbone``) and freeze the rest of it."""
+        target = self.backbone if target is None else target
+        if self.adapter is None:
+            target.requires_grad_(False)
+            self.report = parameter_report(self, "heads only")
+        else:
+            inject(target, self.adapter)
+            self.report = parameter_report(self, self.adapter.method)
+        return self.report
+
+    def load_stage_checkpoint(self, path: str | Path, strict: bool = True) -> None:
+        """Load the saved (trainable) state of an earlier stage's Lightning checkpoint.
+
+        Multi-stage protocols (pretrain -> adapt, add an expert) build the earlier stage's
+        model, call this, then extend it. Keys absent from the checkpoint keep their
+        (seeded) values; a key the model lacks is an error when ``strict``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"stage checkpoint {path} not found")
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        result = self.load_state_dict(state, strict=False)
+        if strict and result.unexpected_keys:
+            raise RuntimeError(f"{path} holds keys this model lacks: {result.unexpected_keys[:10]}")
+
+    # --- the domain's part ------------------------------------------------------------------
+    def compute_losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Return named losses for ``batch``; ``"loss"`` is optimised. Domains implement this."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_losses(batch)")
+
+    # --- training loop ----------------------------------------------------------------------
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Auxiliary losses from the last forward of every module that exposes ``aux_loss()``."""
+        out = {}
+        for name, mod in self.named_modules():
+            fn = getattr(mod, "aux_loss", None)
+            if callable(fn):
+                value = fn()
+                if value is not None:
+                    out[name] = value
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        losses = dict(self.compute_losses(batch))
+        aux = self.aux_losses()
+        if aux:
+            losses["aux"] = torch.stack([v.float() for v in aux.values()]).sum()
+            losses["loss"] = losses["loss"] + self.aux_loss_weight * losses["aux"]
+        bs = _batch_size(batch)
+        for k, v in losses.items():
+            self.log(f"train/{k}", v.detach(), prog_bar=k == "loss", batch_size=bs)
+        return losses["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        losses = self.compute_losses(batch)
+        bs = _batch_size(batch)
+        for k, v in losses.items():
+            self.log(f"val/{k}", v.detach(), prog_bar=k == "loss", sync_dist=True, batch_size=bs)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        losses = self.compute_losses(batch)
+        bs = _batch_size(batch)
+        for k, v in losses.items():
+            self.log(f"test/{k}", v.detach(), sync_dist=True, batch_size=bs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {self._batch_idx}); stopping. "
+                "Lower the learning rate, check the inputs of this batch for NaN/inf, or use fp32."
+            )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> Any:
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters: check the adapter targets")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def calibration_batches(self) -> Iterable[Any] | None:
+        """Batches for data-dependent adapter init (CG-LoRA); default: the training loader."""
+        trainer = self._trainer
+        if trainer is None or trainer.datamodule is None:
+            return None
+        return trainer.datamodule.train_dataloader()
+
+    def on_fit_start(self) -> None:
+        needs = [layer for _, layer in adapter_layers(self) if layer.spec.needs_calibration]
+        if needs:
+            from suite.adapters import init_adapters  # only methods with calibration define it
+
+            init_adapters(self, self.calibration_batches(), lambda b: self.compute_losses(_to(b, self.device))["loss"])
+        self.report = parameter_report(self, self.adapter.method if self.adapter else "heads only")
+        rank_zero_info(
+            f"Parameters: total {self.report.total:,} | trainable {self.report.trainable:,} "
+            f"({self.report.percent:.3f} %) | adapted layers {len(self.report.adapted)}"
+        )
+        if self.logger is not None:
+            self.logger.log_hyperparams(
+                {"params/total": self.report.total, "params/trainable": self.report.trainable,
+                 "params/percent": self.report.percent}
+            )
+
+    # --- checkpoints: trainable state only --------------------------------------------------
+    def _frozen_parameter_names(self) -> set[str]:
+        """Frozen parameters outside adapters (the base weights a checkpoint need not carry)."""
+        owned = {
+            f"{name}.{k}" for name, layer in adapter_layers(self) for k in layer.adapter_state_dict()
+        }
+        return {n for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad and n not in owned}
+
+    def backbone_fingerprint(self) -> str | None:
+        """sha256 over the frozen base weights; saved with adapters, checked when they are loaded."""
+        if self._fingerprint is None:
+            if any(layer.merged for _, layer in adapter_layers(self)):
+                return None  # merged weights are not the base weights
+            frozen = self._frozen_parameter_names()
+            h = hashlib.sha256()
+            for name, p in sorted(self.named_parameters(remove_duplicate=False)):
+                if name not in frozen:
+                    continue
+                if type(p.data) is not torch.Tensor:  # sharded DTensor: no cheap global view
+                    return None
+                h.update(name.encode())
+                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        frozen = self._frozen_parameter_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
+        checkpoint["suite"] = {
+            "frozen_keys_dropped": len(frozen),
+            "backbone_fingerprint": self.backbone_fingerprint(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        own = set(self.state_dict())
+        expected = own - self._frozen_parameter_names()
+        unexpected = sorted(set(state) - own)
+        missing = sorted(expected - set(state))
+        if unexpected or missing:
+            raise RuntimeError(
+                "checkpoint does not fit this model (was it written with another adapter or model config?)\n"
+                f"  missing trainable keys ({len(missing)}): {missing[:10]}\n"
+                f"  unexpected keys ({len(unexpected)}): {unexpected[:10]}"
+            )
+        saved = checkpoint.get("suite", {}).get("backbone_fingerprint")
+        current = self.backbone_fingerprint()
+        if saved and current and saved != current:
+            raise RuntimeError(
+                f"the frozen backbone differs from the one these adapters were trained on "
+                f"(fingerprint {current} != {saved}). Use the same backbone checkpoint and backbone_seed."
+            )
+
+    # --- FSDP2 ------------------------------------------------------------------------------
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules sharded as their own FSDP2 units before the top-level children.
+
+        Default: every adapter layer, so trainable weights live in units of their own and the
+        frozen rest carries no gradient or optimiser memory.
+        """
+        return [layer for _, layer in adapter_layers(self)]
+
+    def configure_model(self) -> None:
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        for unit in self.fsdp_units():
+            fully_shard(unit, mesh=dp_mesh)
+        for child in self.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child, mesh=dp_mesh)
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0].shape[0]
+    if isinstance(batch, dict):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.ndim:
+                return v.shape[0]
+    return None
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(batch, device)
