@@ -31,6 +31,8 @@ class SuiteCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
+        if config.get("weights_only", False) is None:
+            config.weights_only = True  # --ckpt_path files load without unpickling arbitrary objects
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
         if config.trainer.logger in (None, True):
@@ -48,6 +50,8 @@ def main(args: Any = None, run: bool = True) -> SuiteCLI:
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        # a misspelt option must fail, not silently match a longer one by prefix
+        parser_kwargs={"allow_abbrev": False, **{sub: {"allow_abbrev": False} for sub in ("fit", "validate", "test", "predict")}},
         args=args,
         run=run,
     )

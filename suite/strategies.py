@@ -9,6 +9,7 @@ strategy also runs inside a notebook or pytest (``start_method="fork"``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -67,6 +68,41 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a sharded checkpoint that holds trainable state only.
+
+        Lightning asks the checkpoint for every key of the model, frozen base weights included,
+        and fails because AdaptedModule does not save them. Here only the keys the checkpoint
+        holds are requested; the rest keep the values they were rebuilt with.
+        """
+        import torch
+        from lightning.fabric.strategies.fsdp import _METADATA_FILENAME, _is_sharded_checkpoint
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = set(FileSystemReader(path).read_metadata().state_dict_metadata)
+        model_state = {k: v for k, v in get_model_state_dict(self.model).items() if f"state_dict.{k}" in saved}
+        load({"state_dict": model_state}, checkpoint_id=path)
+        set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=False))
+        for idx, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{idx}"
+            optim_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load(optim_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optim_state[key])
+        metadata = torch.load(path / _METADATA_FILENAME, weights_only=True if weights_only is None else weights_only)
+        # the loaded keys, so the module's on_load_checkpoint can check them
+        metadata["state_dict"] = model_state
+        return metadata
 
     def _configure_launcher(self) -> None:
         if self.start_method == "fork" and not self.cluster_environment.creates_processes_externally:
