@@ -1,17 +1,25 @@
 """The shared adapter layer: one contract (``base.py``), one method per file.
 
-    from suite.adapters import LoRA, inject, merge, unmerge, save_adapters, load_adapters
+    from suite.adapters import LoRA, inject, merge, unmerge, save_adapters, load_adapters, export_peft
     report = inject(model, LoRA(r=8, alpha=16, targets=["qkv", "proj"]))
+
+Methods: :class:`LoRA` (rsLoRA, DoRA, q/k/v-selective; Linear, Conv2d, Embedding,
+MultiheadAttention), :class:`MiCA`, :class:`CGLoRA` (needs :func:`init_adapters` with
+calibration batches), :class:`FourierMoE`. See ``suite/adapters/README.md`` for the math.
 """
 
 from __future__ import annotations
 
 from .base import AdapterLayer, AdapterSpec, adapter_layers, matches_any, name_matches
-from .lora import LoRA, LoRALinear
+from .lora import LoRA, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMultiheadAttention, LowRankDelta
+from .mica import MiCA
+from .curvature import CGLoRA, CGLoRALinear
+from .fourier_moe import FourierMoE, FourierMoELinear
 from .core import (
     AdapterLoadError,
     AdapterReport,
     adapter_state_dict,
+    init_adapters,
     inject,
     load_adapters,
     merge,
@@ -20,16 +28,29 @@ from .core import (
     spec_from_dict,
     unmerge,
 )
+from .export import export_peft
 
 __all__ = [
     "AdapterLayer",
     "AdapterLoadError",
     "AdapterReport",
     "AdapterSpec",
+    "CGLoRA",
+    "CGLoRALinear",
+    "FourierMoE",
+    "FourierMoELinear",
     "LoRA",
+    "LoRAConv2d",
+    "LoRAEmbedding",
+    "LoRALayer",
     "LoRALinear",
+    "LoRAMultiheadAttention",
+    "LowRankDelta",
+    "MiCA",
     "adapter_layers",
     "adapter_state_dict",
+    "export_peft",
+    "init_adapters",
     "inject",
     "load_adapters",
     "matches_any",

@@ -105,6 +105,31 @@ class AdapterLayer(nn.Module):
         """An auxiliary loss from the last forward (e.g. router load balance), or ``None``."""
         return None
 
+    # --- data-dependent initialisation (specs with needs_calibration; see init_adapters) -----
+    def needs_init(self) -> bool:
+        """True while a data-dependent initialisation is still due (its ``initialised`` buffer is unset)."""
+        flag = getattr(self, "initialised", None)
+        return self.spec.needs_calibration and (flag is None or not bool(flag))
+
+    def begin_calibration(self) -> None:
+        """Start recording: from now on ``forward`` keeps (input, output) pairs for the statistics."""
+        raise NotImplementedError(f"{type(self).__name__} has no data-dependent initialisation")
+
+    def calibration_outputs(self) -> list[torch.Tensor]:
+        """Outputs recorded since the last call; ``init_adapters`` differentiates the loss w.r.t. them."""
+        raise NotImplementedError
+
+    def accumulate_calibration(self, grads: list[torch.Tensor | None]) -> None:
+        """Fold one batch (recorded inputs + loss gradients w.r.t. the outputs) into the statistics."""
+        raise NotImplementedError
+
+    def finish_calibration(self, n_batches: int) -> None:
+        """Compute the initial adapter from the statistics and set ``initialised``."""
+        raise NotImplementedError
+
+    def end_calibration(self) -> None:
+        """Drop recording state (always called, also after an error)."""
+
     # --- merging, written once against delta_weight() ---------------------------------------
     @torch.no_grad()
     def merge(self) -> None:

@@ -6,7 +6,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -117,6 +117,7 @@ def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
         and not isinstance(mod, AdapterLayer)
         and not any(name.startswith(a + ".") for a in inside_adapter)
     ]
+    selected = _resolve_attention_children(model, selected)
     if not selected:
         candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
         raise ValueError(
@@ -140,6 +141,29 @@ def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
     record.append({"spec": spec.to_dict(), "layers": [n for n, _ in selected]})
     object.__setattr__(model, _RECORD, record)  # plain attribute, not a submodule
     return parameter_report(model, spec.method)
+
+
+def _resolve_attention_children(model: nn.Module, selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Drop ``out_proj`` of a selected ``nn.MultiheadAttention`` (its adapter covers it); refuse it alone.
+
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly and never calls ``out_proj.forward``,
+    so an adapter wrapped around ``out_proj`` alone would silently do nothing.
+    """
+    names = {n for n, _ in selected}
+    kept = []
+    for name, mod in selected:
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(parent, nn.MultiheadAttention):
+            if parent_name in names:
+                continue
+            raise ValueError(
+                f"{name!r} is the output projection inside nn.MultiheadAttention {parent_name!r}, which never "
+                f"calls its forward, so an adapter there would do nothing. Target {parent_name!r} instead "
+                "(LoRA/MiCA then adapt in_proj_weight and out_proj), or add this name to `exclude`."
+            )
+        kept.append((name, mod))
+    return kept
 
 
 def _adapter_parameters(layer: AdapterLayer) -> list[nn.Parameter]:
@@ -225,3 +249,68 @@ def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> Ad
     result = model.load_state_dict({k: saved[k] for k in own if k in saved}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     return parameter_report(model, "+".join(e["spec"]["method"] for e in cfg["adapters"]))
+
+
+def init_adapters(
+    model: nn.Module,
+    batches: Iterable[Any] | None,
+    loss_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> list[str]:
+    """Run data-dependent initialisation (e.g. CG-LoRA) for every adapter layer that still needs it.
+
+    Calls ``loss_fn(batch)`` on up to ``max(spec.calibration_batches)`` batches with the model in
+    eval mode (no dropout, so the result is deterministic), differentiates the loss w.r.t. the
+    outputs of the pending layers only (no parameter gradients are written), and lets each layer
+    compute its factors in fp32. Layers whose persistent ``initialised`` buffer is set are skipped,
+    so a resumed run (weights restored before ``on_fit_start``) is not re-initialised, and a second
+    call is a no-op. ``loss_fn`` defaults to ``model.compute_losses(batch)["loss"]``.
+    Returns the names of the layers it initialised.
+    """
+    pending = [(n, layer) for n, layer in adapter_layers(model) if layer.needs_init()]
+    if not pending:
+        return []
+    names = [n for n, _ in pending]
+    if loss_fn is None:
+        compute = getattr(model, "compute_losses", None)
+        if compute is None:
+            raise ValueError("init_adapters needs loss_fn(batch) -> scalar loss (the model has no compute_losses)")
+        loss_fn = lambda b: compute(b)["loss"]  # noqa: E731
+    if batches is None:
+        raise ValueError(
+            f"adapter layers {names[:4]}{' ...' if len(names) > 4 else ''} need calibration batches: give the "
+            "trainer a datamodule with a train_dataloader, or override AdaptedModule.calibration_batches()"
+        )
+    limit = max(int(getattr(layer.spec, "calibration_batches", 1)) for _, layer in pending)
+    modes = [(m, m.training) for m in model.modules()]  # restored one by one: some submodules may stay in eval
+    model.eval()
+    seen = 0
+    try:
+        for _, layer in pending:
+            layer.begin_calibration()
+        with torch.enable_grad():
+            for batch in batches:
+                if seen >= limit:
+                    break
+                loss = loss_fn(batch)
+                if loss.dim() != 0 or not torch.isfinite(loss):
+                    raise ValueError(f"calibration batch {seen}: loss must be a finite scalar, got {loss}")
+                outs = [layer.calibration_outputs() for _, layer in pending]
+                flat = [y for o in outs for y in o]
+                if not flat:
+                    raise RuntimeError(f"the calibration loss does not run through the layers to initialise: {names[:4]}")
+                grads = torch.autograd.grad(loss, flat, allow_unused=True)
+                i = 0
+                for (_, layer), o in zip(pending, outs):
+                    layer.accumulate_calibration(list(grads[i : i + len(o)]))
+                    i += len(o)
+                seen += 1
+        if seen == 0:
+            raise ValueError("init_adapters got an empty iterable of calibration batches")
+        for _, layer in pending:
+            layer.finish_calibration(seen)
+    finally:
+        for _, layer in pending:
+            layer.end_calibration()
+        for m, mode in modes:
+            m.training = mode
+    return names

@@ -1,20 +1,29 @@
-"""LoRA (Hu et al., 2021, arXiv 2106.09685) with rank-stabilised scaling (rsLoRA, Kalajdzievski,
-2023, arXiv 2312.03732).
+"""The LoRA family on Linear, Conv2d, Embedding and ``nn.MultiheadAttention``.
 
-``y = W x + s * B A dropout(x)`` with ``s = alpha / r`` (or ``alpha / sqrt(r)`` when ``rslora``).
-``A`` starts Kaiming-uniform and ``B`` at zero, as in Hugging Face PEFT, so an injected model
-computes exactly what the base model computes.
+- LoRA (Hu et al., 2021, arXiv 2106.09685): ``W' = W + s * B A`` with ``A`` (r x in) and ``B``
+  (out x r); ``A`` starts Kaiming-uniform and ``B`` at zero (as in Hugging Face PEFT), so an
+  injected model computes exactly what the base computes. ``s = alpha / r``.
+- rsLoRA (Kalajdzievski, 2023, arXiv 2312.03732): ``s = alpha / sqrt(r)`` (``rslora=True``), which
+  keeps the update's scale independent of the rank.
+- DoRA (Liu et al., 2024, arXiv 2402.09353): ``W' = m * (W + s B A) / ||W + s B A||_row`` with a
+  trained magnitude ``m`` per output row (channel) that starts at ``||W||_row``. As the paper (sec.
+  4.3) and PEFT do, the norm is treated as a constant in the backward pass.
+- q/k/v-selective LoRA: timm and SAM compute q, k and v with one fused ``qkv`` Linear (and
+  ``nn.MultiheadAttention`` with one ``in_proj_weight``). ``qkv=("q", "v")`` adapts only those row
+  slices, each with its own rank-``r`` pair, which is what the LoRA paper did to ``W_q``, ``W_v``.
 
-Fused projections: timm and SAM compute q, k and v with one ``qkv`` Linear. ``qkv=("q", "v")``
-adapts only those row slices, each with its own rank-``r`` pair, which is what the original
-LoRA paper did to ``W_q`` and ``W_v``.
+Every layer keeps its factors in a :class:`LowRankDelta` on a 2-D view ``(d_out, d_in)`` of the
+base weight: Linear ``W``; Conv2d ``W.flatten(1)`` (``A`` is an ``r x in x kh x kw`` kernel, ``B``
+a 1x1 conv, exactly PEFT's layout); Embedding ``W.T`` (``(dim, num)``, so ``A`` is ``r x num``
+and ``B`` is ``dim x r``, PEFT's ``lora_embedding_A/B``). MiCA (``mica.py``) and CG-LoRA
+(``curvature.py``) reuse these layers and only change how ``A`` and ``B`` start.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,32 +36,40 @@ _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
 @dataclass
 class LoRA(AdapterSpec):
-    """Low-rank update ``s * B A`` on Linear layers.
+    """Low-rank update ``s * B A``.
 
     Args:
-        r: rank of the update.
+        r: rank of the update (per q/k/v slice when ``qkv`` is set).
         alpha: scale numerator; ``s = alpha / r`` (``alpha / sqrt(r)`` with ``rslora``).
-        dropout: dropout on the adapter input only.
+        dropout: dropout on the adapter input only (not applied to Embedding indices, as in PEFT).
         rslora: rank-stabilised scaling.
-        qkv: for a fused ``qkv`` Linear (out = 3 * dim), the slices to adapt, e.g. ``["q", "v"]``.
+        dora: learn a magnitude per output row/channel (DoRA); Linear and Conv2d only.
+        qkv: for a fused ``qkv`` projection (out = 3 * dim), the slices to adapt, e.g. ``["q", "v"]``.
     """
 
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     rslora: bool = False
+    dora: bool = False
     qkv: list[str] | None = None
 
     method: ClassVar[str] = "lora"
     peft_exportable: ClassVar[bool] = True
+    #: how the factors start: "lora" (A Kaiming, B zero), "mica" (B minor singular vectors, frozen;
+    #: A zero) or "zeros" (filled later by calibration, CG-LoRA)
+    init_scheme: ClassVar[str] = "lora"
 
     def __post_init__(self) -> None:
         if self.r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+            raise ValueError(f"{type(self).__name__}.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}")
         if self.qkv is not None:
+            self.qkv = list(self.qkv)
             bad = [s for s in self.qkv if s not in _QKV_INDEX]
-            if bad or not self.qkv:
-                raise ValueError(f"LoRA qkv must be a non-empty subset of ['q', 'k', 'v'], got {self.qkv}")
+            if bad or not self.qkv or len(set(self.qkv)) != len(self.qkv):
+                raise ValueError(f"{type(self).__name__}.qkv must be a non-empty subset of ['q', 'k', 'v'], got {self.qkv}")
 
     @property
     def scaling(self) -> float:
@@ -60,60 +77,382 @@ class LoRA(AdapterSpec):
 
     def wrap(self, name: str, layer: nn.Module) -> AdapterLayer:
         if isinstance(layer, nn.Linear):
-            return LoRALinear(layer, self)
+            return LoRALinear(layer, self, name)
+        if self.qkv is not None and not isinstance(layer, nn.MultiheadAttention):
+            raise TypeError(f"{type(self).__name__}(qkv=...) needs a fused qkv Linear or nn.MultiheadAttention; {name!r} is {type(layer).__name__}")
+        if isinstance(layer, nn.Conv2d):
+            return LoRAConv2d(layer, self, name)
+        if isinstance(layer, nn.Embedding):
+            return LoRAEmbedding(layer, self, name)
+        if isinstance(layer, nn.MultiheadAttention):
+            return LoRAMultiheadAttention(layer, self, name)
         raise TypeError(
-            f"LoRA cannot adapt {name!r} of type {type(layer).__name__}; "
-            "supported: nn.Linear. Narrow `targets` or add it to `exclude`."
+            f"{type(self).__name__} cannot adapt {name!r} of type {type(layer).__name__}; supported: "
+            "nn.Linear, nn.Conv2d, nn.Embedding, nn.MultiheadAttention. Narrow `targets` or add it to `exclude`."
         )
 
 
-class LoRALinear(AdapterLayer):
-    """LoRA on an ``nn.Linear``, optionally restricted to q/k/v row slices of a fused projection.
+class LowRankDelta(nn.Module):
+    """``s * B A`` on a 2-D weight view ``(d_out, d_in)``, optionally only on q/k/v row slices.
 
-    ``lora_A`` is ``(S*r, in)`` and ``lora_B`` is ``(S, out/S_all, r)`` for ``S`` adapted
-    slices; without ``qkv`` there is one slice spanning all output rows.
+    ``A`` is ``(S*r, d_in)``; ``B`` is ``(S, d_out/n_chunks, r)`` for ``S`` adapted slices (one
+    slice spanning all rows without ``qkv``). ``B`` is a persistent buffer when ``frozen_B`` (MiCA).
+    With ``shift`` (CG-LoRA) the initial factors are kept as buffers ``A0``, ``B0`` and the delta is
+    ``s * (B A - B0 A0)``, so the function starts unchanged without touching the frozen ``W``.
     """
 
-    def __init__(self, base_layer: nn.Linear, spec: LoRA) -> None:
-        super().__init__(base_layer, spec)
-        d_out, d_in = base_layer.weight.shape
-        if spec.qkv is None:
-            self.slices = [0]
-            self.n_chunks = 1
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        r: int,
+        scaling: float,
+        like: torch.Tensor,
+        qkv: list[str] | None = None,
+        frozen_B: bool = False,
+        shift: bool = False,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if qkv is None:
+            self.slices, self.n_chunks = [0], 1
         else:
             if d_out % 3:
-                raise ValueError(f"qkv-selective LoRA needs a fused projection with 3*dim outputs, got {d_out}")
-            self.slices = sorted(_QKV_INDEX[s] for s in spec.qkv)
-            self.n_chunks = 3
+                raise ValueError(f"{name!r}: qkv-selective adapters need a fused projection with 3*dim outputs, got {d_out}")
+            self.slices, self.n_chunks = sorted(_QKV_INDEX[s] for s in qkv), 3
+        self.d_out, self.d_in, self.r, self.scaling = d_out, d_in, r, scaling
         self.chunk = d_out // self.n_chunks
-        s, r = len(self.slices), spec.r
-        w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(s * r, d_in, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(s, self.chunk, r, dtype=w.dtype, device=w.device))
-        for i in range(s):  # PEFT's init, per slice: kaiming_uniform(a=sqrt(5)) on A, zeros on B
-            nn.init.kaiming_uniform_(self.lora_A[i * r : (i + 1) * r], a=math.sqrt(5))
+        kw = dict(dtype=like.dtype, device=like.device)
+        s = len(self.slices)
+        self.A = nn.Parameter(torch.zeros(s * r, d_in, **kw))
+        B = torch.zeros(s, self.chunk, r, **kw)
+        if frozen_B:
+            self.register_buffer("B", B)
+        else:
+            self.B = nn.Parameter(B)
+        self.shift = shift
+        if shift:
+            self.register_buffer("A0", torch.zeros(s * r, d_in, **kw))
+            self.register_buffer("B0", torch.zeros(s, self.chunk, r, **kw))
+
+    # --- initialisation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_lora(self) -> None:
+        """PEFT's default: Kaiming-uniform(a=sqrt(5)) on each slice's A, zeros on B."""
+        for i in range(len(self.slices)):
+            nn.init.kaiming_uniform_(self.A[i * self.r : (i + 1) * self.r], a=math.sqrt(5))
+        self.B.zero_()
+
+    @torch.no_grad()
+    def reset_lora_embedding(self) -> None:
+        """PEFT's default for embeddings: A zero, B standard normal."""
+        self.A.zero_()
+        nn.init.normal_(self.B)
+
+    @torch.no_grad()
+    def reset_mica(self, weight2d: torch.Tensor, name: str = "") -> None:
+        """MiCA: each slice's B = the r left singular vectors of W_slice with the smallest singular values."""
+        limit = min(self.chunk, self.d_in)
+        if self.r > limit:
+            raise ValueError(f"MiCA on {name!r}: r={self.r} exceeds min(out, in)={limit} of the (slice of the) weight")
+        for i, s in enumerate(self.slices):
+            w = weight2d[s * self.chunk : (s + 1) * self.chunk].detach().float()
+            u = torch.linalg.svd(w, full_matrices=False)[0]  # singular values descend: minor ones last
+            self.B[i].copy_(u[:, -self.r :])
+        self.A.zero_()
+
+    @torch.no_grad()
+    def set_factors(self, B: torch.Tensor, A: torch.Tensor) -> None:
+        """Write ``B`` (S, chunk, r) and ``A`` (S*r, d_in) in place (optimisers keep their references)."""
+        self.B.copy_(B)
+        self.A.copy_(A)
+        if self.shift:
+            self.B0.copy_(B)
+            self.A0.copy_(A)
+
+    # --- the delta ----------------------------------------------------------------------------
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B_full, A_full)`` with ``s * B_full @ A_full`` the whole delta.
+
+        ``B_full`` is ``(d_out, S*r')`` and block-structured for q/k/v slices (zeros outside each
+        slice's rows); ``r' = 2r`` with ``shift`` (``[B, -B0]`` and ``[A; A0]``). This is also
+        exactly the rank-``S*r'`` LoRA that ``export_peft`` writes.
+        """
+        A, B = self.A, self.B
+        s = len(self.slices)
+        if self.shift:
+            A = torch.cat([A.view(s, self.r, -1), self.A0.view(s, self.r, -1)], dim=1).flatten(0, 1)
+            B = torch.cat([B, -self.B0], dim=-1)
+        if self.n_chunks == 1:
+            return B[0], A
+        rr = B.shape[-1]
+        full = B.new_zeros(self.n_chunks, self.chunk, s, rr)
+        full[self.slices, :, torch.arange(s), :] = B  # block structure: slice i only feeds rows of chunk slices[i]
+        return full.reshape(self.d_out, s * rr), A
+
+    def delta(self) -> torch.Tensor:
+        B, A = self.factors()
+        return (B @ A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"d_out={self.d_out}, d_in={self.d_in}, r={self.r}, slices={self.slices}, shift={self.shift}"
+
+
+class LoRALayer(AdapterLayer):
+    """Shared machinery: factor creation and init, dropout, DoRA magnitude, merge/unmerge.
+
+    Subclasses give the 2-D view of their base weight (:meth:`weight2d`), map a 2-D delta back to
+    the weight's shape (:meth:`to_weight_shape`) and implement ``forward``.
+    """
+
+    supports_dora: ClassVar[bool] = False
+
+    def __init__(self, base_layer: nn.Module, spec: LoRA, name: str = "") -> None:
+        super().__init__(base_layer, spec)
+        self.name = name
+        w2 = self.weight2d()
+        self.lora = LowRankDelta(
+            *w2.shape, spec.r, spec.scaling, like=w2, qkv=spec.qkv, frozen_B=spec.init_scheme == "mica",
+            shift=getattr(spec, "shift", False), name=name,
+        )
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-        self.scaling = spec.scaling
+        self.reset()
+        if spec.dora:
+            if not self.supports_dora:
+                raise TypeError(f"DoRA is not supported on {name!r} ({type(base_layer).__name__}); set dora=False or exclude it")
+            with torch.no_grad():
+                norm = (w2.float() + self.lora.delta().float()).norm(dim=1)
+            self.magnitude = nn.Parameter(norm.to(w2.dtype))
+        self._merge_scale: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        scheme = self.spec.init_scheme
+        if scheme == "lora":
+            self.lora.reset_lora()
+        elif scheme == "mica":
+            self.lora.reset_mica(self.weight2d(), self.name)
+        elif scheme != "zeros":
+            raise ValueError(f"unknown init scheme {scheme!r}")
+
+    def weight2d(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def to_weight_shape(self, delta2d: torch.Tensor) -> torch.Tensor:
+        return delta2d
+
+    def dora_scale(self) -> torch.Tensor:
+        """``m / ||W + s B A||_row`` with the norm detached (DoRA sec. 4.3), one value per output row."""
+        w = self.weight2d()
+        norm = (w + self.lora.delta().detach().to(w.dtype)).norm(dim=1).detach()
+        return self.magnitude / norm
 
     def delta_weight(self) -> torch.Tensor:
-        r = self.spec.r
-        a = self.lora_A.view(len(self.slices), r, -1)
-        pieces = torch.bmm(self.lora_B, a) * self.scaling  # (S, chunk, in)
-        if self.n_chunks == 1:
-            return pieces[0]
-        delta = pieces.new_zeros(self.n_chunks, self.chunk, a.shape[-1])
-        delta[self.slices] = pieces
-        return delta.flatten(0, 1)
+        delta = self.lora.delta()
+        if self.spec.dora:  # W' - W with W' = scale * (W + delta)
+            w = self.weight2d()
+            scale = self.dora_scale()[:, None]
+            delta = (scale - 1) * w + scale * delta
+        return self.to_weight_shape(delta)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged or not self.spec.dora:
+            return super().merge()
+        w2 = self.weight2d()  # a view of base_layer.weight: writing it writes the weight
+        scale = self.dora_scale()
+        w2.copy_((scale[:, None] * (w2.float() + self.lora.delta().float())).to(w2.dtype))
+        self._merge_scale = scale
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged or not self.spec.dora:
+            return super().unmerge()
+        w2 = self.weight2d()
+        w2.copy_((w2.float() / self._merge_scale[:, None].float() - self.lora.delta().float()).to(w2.dtype))
+        self._merge_scale = None
+        self.merged = False
+
+    def _dora_output(self, out: torch.Tensor, base_term: torch.Tensor, lora_out: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """DoRA's output ``out + (k - 1) * W x + k * s B A x`` with ``k = m / ||W + s B A||``."""
+        shape = [1] * out.dim()
+        shape[channel_dim] = -1
+        k = self.dora_scale().view(shape)
+        return out + (k - 1) * base_term + k * lora_out
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.spec.r}, scaling={self.lora.scaling:.4g}, dora={self.spec.dora}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on an ``nn.Linear`` (``y = W x + b + s B A dropout(x)``), optionally on q/k/v slices."""
+
+    supports_dora = True
+
+    def __init__(self, base_layer: nn.Linear, spec: LoRA, name: str = "") -> None:
+        super().__init__(base_layer, spec, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged:
             return out
-        h = F.linear(self.dropout(x), self.lora_A)
-        if self.n_chunks == 1:
-            return out + F.linear(h, self.lora_B[0]) * self.scaling
-        h = h.unflatten(-1, (len(self.slices), self.spec.r))  # (..., S, r)
-        y = torch.einsum("...sr,sdr->...sd", h, self.lora_B) * self.scaling
-        full = y.new_zeros(*y.shape[:-2], self.n_chunks, self.chunk)
-        full[..., self.slices, :] = y
-        return out + full.flatten(-2)
+        B, A = self.lora.factors()
+        dx = self.dropout(x)
+        lora_out = F.linear(F.linear(dx, A), B) * self.lora.scaling
+        if not self.spec.dora:
+            return out + lora_out
+        # as PEFT: reuse the base output unless dropout changed the input the base term must see
+        bias = self.base_layer.bias
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_term = out - bias if bias is not None else out
+        else:
+            base_term = F.linear(dx, self.base_layer.weight)
+        return self._dora_output(out, base_term, lora_out, channel_dim=-1)
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA on an ``nn.Conv2d``: ``A`` is an ``r``-channel conv with the base kernel, stride, padding
+    and dilation; ``B`` a 1x1 conv. The delta kernel is ``s * (B @ A.flatten(1)).view(W.shape)``.
+
+    Unlike PEFT (whose LoRA conv ignores the base dilation and padding mode, so its unmerged and
+    merged outputs differ for dilated convs) ``A`` runs with the base layer's own settings.
+    """
+
+    supports_dora = True
+
+    def __init__(self, base_layer: nn.Conv2d, spec: LoRA, name: str = "") -> None:
+        if base_layer.groups != 1:
+            raise TypeError(f"LoRA on grouped conv {name!r} (groups={base_layer.groups}) is not supported; exclude it")
+        super().__init__(base_layer, spec, name)
+
+    def weight2d(self) -> torch.Tensor:
+        return self.base_layer.weight.flatten(1)
+
+    def to_weight_shape(self, delta2d: torch.Tensor) -> torch.Tensor:
+        return delta2d.view(self.base_layer.weight.shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        B, A = self.lora.factors()
+        w = self.base_layer.weight
+        dx = self.dropout(x)
+        h = self.base_layer._conv_forward(dx, A.view(A.shape[0], *w.shape[1:]), None)
+        lora_out = F.conv2d(h, B[:, :, None, None]) * self.lora.scaling
+        if not self.spec.dora:
+            return out + lora_out
+        bias = self.base_layer.bias
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_term = out - bias.view(1, -1, 1, 1) if bias is not None else out
+        else:
+            base_term = self.base_layer._conv_forward(dx, w, None)
+        return self._dora_output(out, base_term, lora_out, channel_dim=1)
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA on an ``nn.Embedding``: ``E'[i] = E[i] + s * B A[:, i]`` (PEFT's ``lora_embedding_A/B``).
+
+    Starts as PEFT does (A zero, B normal). ``dropout`` does not apply to token indices.
+    """
+
+    def __init__(self, base_layer: nn.Embedding, spec: LoRA, name: str = "") -> None:
+        if base_layer.max_norm is not None:
+            raise TypeError(f"LoRA on {name!r}: nn.Embedding(max_norm=...) renormalises weights in place; not supported")
+        super().__init__(base_layer, spec, name)
+
+    def reset(self) -> None:
+        if self.spec.init_scheme == "lora":
+            self.lora.reset_lora_embedding()
+        else:
+            super().reset()
+
+    def weight2d(self) -> torch.Tensor:
+        return self.base_layer.weight.T
+
+    def to_weight_shape(self, delta2d: torch.Tensor) -> torch.Tensor:
+        return delta2d.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        B, A = self.lora.factors()
+        e = self.base_layer
+        h = F.embedding(x, A.T, e.padding_idx, None, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        return out + F.linear(h, B) * self.lora.scaling
+
+
+class LoRAMultiheadAttention(AdapterLayer):
+    """LoRA on ``nn.MultiheadAttention`` (open_clip's text tower): one pair on ``in_proj_weight``
+    (q/k/v-selective with ``qkv``) and one on ``out_proj``.
+
+    ``nn.MultiheadAttention`` reads its weights directly and never calls ``out_proj.forward``, so
+    wrapping ``out_proj`` would do nothing; instead the base module runs through
+    ``torch.func.functional_call`` with ``W + delta`` in place of its two weights (exact, and
+    differentiable; building the two ``d x 3d`` / ``d x d`` matrices costs far less than attention).
+    """
+
+    def __init__(self, base_layer: nn.MultiheadAttention, spec: LoRA, name: str = "") -> None:
+        super().__init__(base_layer, spec)
+        self.name = name
+        if not base_layer._qkv_same_embed_dim:
+            raise TypeError(f"LoRA on {name!r}: nn.MultiheadAttention with kdim/vdim != embed_dim is not supported")
+        if spec.dora or spec.dropout > 0:
+            raise TypeError(
+                f"LoRA on nn.MultiheadAttention {name!r} supports neither DoRA nor adapter dropout; "
+                "set dora=False, dropout=0, or target its MLP Linear layers instead"
+            )
+        if spec.init_scheme not in ("lora", "mica"):
+            raise TypeError(f"{type(spec).__name__} cannot adapt nn.MultiheadAttention {name!r}; target its MLP Linear layers")
+        w_in, w_out = base_layer.in_proj_weight, base_layer.out_proj.weight
+        frozen = spec.init_scheme == "mica"
+        self.lora_in = LowRankDelta(*w_in.shape, spec.r, spec.scaling, w_in, spec.qkv, frozen, name=name)
+        self.lora_out = LowRankDelta(*w_out.shape, spec.r, spec.scaling, w_out, None, frozen, name=name + ".out_proj")
+        if frozen:
+            self.lora_in.reset_mica(w_in, name)
+            self.lora_out.reset_mica(w_out, name + ".out_proj")
+        else:
+            self.lora_in.reset_lora()
+            self.lora_out.reset_lora()
+
+    def __getattr__(self, name: str) -> Any:
+        # callers read MultiheadAttention attributes (batch_first, embed_dim, ...) off the module
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.merged:
+            return self.base_layer(*args, **kwargs)
+        b = self.base_layer
+        weights = {
+            "in_proj_weight": b.in_proj_weight + self.lora_in.delta().to(b.in_proj_weight.dtype),
+            "out_proj.weight": b.out_proj.weight + self.lora_out.delta().to(b.out_proj.weight.dtype),
+        }
+        return torch.func.functional_call(b, weights, args, kwargs)
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """``{"in_proj_weight": ..., "out_proj.weight": ...}``: the updates merge adds."""
+        return {"in_proj_weight": self.lora_in.delta(), "out_proj.weight": self.lora_out.delta()}
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        for key, delta in self.deltas().items():
+            p = self.base_layer.get_parameter(key)
+            p.add_(delta.to(p.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        for key, delta in self.deltas().items():
+            p = self.base_layer.get_parameter(key)
+            p.sub_(delta.to(p.dtype))
+        self.merged = False
