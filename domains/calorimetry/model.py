@@ -1,0 +1,578 @@
+"""FM4CAL (arXiv 2603.28804): an autoregressive shower transformer that grows by experts and LoRA.
+
+A shower is a sequence of hits ordered by deposited energy; each hit is a space token (its
+voxel) and an energy token (its binned deposit). Position 0 holds the incident energy. Every
+block is causal self-attention with rotary positions and a feed-forward *mixture of experts*
+with one expert per class (``<material>_<particle>``), picked by a label-masked router. The
+model factorises each hit as p(voxel | past) p(energy | voxel, past): a space head reads the
+hidden state, an energy head reads it plus an embedding of the chosen voxel.
+
+The lifecycle (each step one YAML of ``domains/calorimetry/lifecycle.yaml``):
+
+1. pretrain on W and Ta photons (everything trains);
+2. add Pb photons: a new expert per block cloned from ``closest_expert`` (W); only it trains;
+3. add electrons: rsLoRA on attention q/k/v/out used by electron rows only, electron heads
+   copied from the photon heads, and a new expert; only those train;
+4. add Ta and Pb electrons: one new expert each.
+
+No forgetting is exact: every old class takes the same arithmetic on the same tensors as before
+(its own expert, the frozen attention, its own heads), so its outputs are bit-identical. The
+module checks this with ``torch.equal`` when it extends and again at the end of each fit.
+
+Each stage's ``init_from`` is the previous stage's ``last.ckpt``. A checkpoint holds only what
+that stage trained, so the model first rebuilds the previous stage from *its* checkpoint (whose
+hyperparameters name its own ``init_from``, recursively), then extends it; ``test --ckpt_path``
+on a later stage therefore works from the stage checkpoints alone.
+
+Reference bugs fixed: ``fine_tune.py`` imported a non-existent ``models/losses.py`` (every
+stage here is importable from YAML, tested); the new router row was copied from the *last*
+expert instead of the closest (see ``suite.adapters.moe``); de-tokenisation one bin too high
+and hard-coded Ta/Pb electron hit shifts (see ``tokens.py``). The reference's PiSSA helper
+sliced columns of V (``V[:, :r]``) where the top-r right singular vectors are rows of V^T
+(``Vh[:r]``) from ``torch.linalg.svd``; we do not use PiSSA: our LoRA starts from B = 0 with a
+Kaiming-uniform A (PEFT's default), which needs no SVD, so that mistake cannot arise.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from suite.adapters import LoRA
+from suite.adapters.core import parameter_report
+from suite.adapters.lora import LoRALinear
+from suite.adapters.moe import FeedForward, MixtureOfExperts
+from suite.module import AdaptedModule
+
+from .data import Geometry, parse_class, write_calochallenge
+from .metrics import compare
+from .tokens import ShowerTokenizer
+
+PROJECTIONS = ("q", "k", "v", "out")
+
+
+class ParticleLoRALinear(LoRALinear):
+    """LoRA that shares its frozen base Linear with the base particle's path; never merged."""
+
+    def merge(self) -> None:
+        raise NotImplementedError("merging would change the shared base weight and so the base particle's outputs")
+
+
+def rope(x: torch.Tensor, theta: float, offset: int = 0) -> torch.Tensor:
+    """Rotary position embedding (Su et al., arXiv 2104.09864) on (B, H, T, D) at positions offset.."""
+    d, t = x.shape[-1] // 2, x.shape[-2]
+    freq = theta ** (-torch.arange(d, device=x.device, dtype=torch.float32) / d)
+    ang = torch.arange(offset, offset + t, device=x.device, dtype=torch.float32)[:, None] * freq
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; a particle with LoRA gets its own q/k/v/out update on its rows only."""
+
+    def __init__(self, width: int, heads: int, theta: float) -> None:
+        super().__init__()
+        if width % heads or (width // heads) % 2:
+            raise ValueError(f"width {width} must split into {heads} heads of even size (rotary pairs)")
+        self.heads, self.theta = heads, theta
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width, bias=False) for _ in PROJECTIONS)
+        self.lora = nn.ModuleDict()
+
+    def add_particle(self, particle: str, spec: LoRA) -> None:
+        self.lora[particle] = nn.ModuleDict({p: ParticleLoRALinear(getattr(self, p), spec) for p in PROJECTIONS})
+
+    def _proj(self, name: str, x: torch.Tensor, gates: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        y = getattr(self, name)(x)  # base rows: exactly the frozen Linear, as before any LoRA existed
+        for particle, rows in gates:
+            if particle in self.lora:
+                y = torch.where(rows, self.lora[particle][name](x), y)
+        return y
+
+    def forward(self, x: torch.Tensor, gates: list[tuple[str, torch.Tensor]], cache: dict | None = None) -> torch.Tensor:
+        """``cache`` (generation): keys/values of earlier positions, extended in place."""
+        b, t, w = x.shape
+        q, k, v = (self._proj(n, x, gates).view(b, t, self.heads, -1).transpose(1, 2) for n in ("q", "k", "v"))
+        start = 0 if cache is None or "k" not in cache else cache["k"].shape[2]
+        q, k = rope(q, self.theta, start), rope(k, self.theta, start)
+        if cache is not None:
+            if start:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and t > 1)
+        return self._proj("out", a.transpose(1, 2).reshape(b, t, w), gates)
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, ffn_mult: int, classes: list[str], theta: float, dropout: float) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = Attention(width, heads, theta)
+        experts = [FeedForward(width, ffn_mult * width, dropout) for _ in classes]
+        self.moe = MixtureOfExperts(experts, width, router="label", labels=classes)
+
+    def forward(self, x: torch.Tensor, gates: list[tuple[str, torch.Tensor]], class_ids: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), gates, cache)
+        return x + self.moe(self.ln2(x), labels=class_ids)
+
+
+class Heads(nn.Module):
+    """Separate output heads: next voxel from h; its energy from h + an embedding of that voxel."""
+
+    def __init__(self, width: int, space_vocab: int, energy_vocab: int) -> None:
+        super().__init__()
+        self.space = nn.Linear(width, space_vocab)
+        self.next_space = nn.Embedding(space_vocab, width)
+        self.energy = nn.Linear(width, energy_vocab)
+
+    def space_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.space(h)
+
+    def energy_logits(self, h: torch.Tensor, next_space: torch.Tensor) -> torch.Tensor:
+        return self.energy(h + self.next_space(next_space))
+
+
+class ShowerTransformer(nn.Module):
+    """Token + voxel-axis + energy embeddings -> blocks -> per-particle heads."""
+
+    def __init__(self, tok: ShowerTokenizer, grid: tuple[int, int, int], width: int, depth: int, heads: int,
+                 ffn_mult: int, classes: list[str], base_particle: str, theta: float, dropout: float) -> None:
+        super().__init__()
+        self.space_emb = nn.Embedding(tok.space_vocab, width)
+        self.energy_emb = nn.Embedding(tok.energy_vocab, width)
+        # each voxel also gets learned (layer, a, b) embeddings: neighbours share structure
+        self.axis_emb = nn.ModuleList(nn.Embedding(n + 1, width) for n in grid)  # row n: special tokens
+        axes = torch.tensor(grid).repeat(tok.space_vocab, 1)
+        axes[1 : tok.n_voxels + 1] = torch.stack(torch.unravel_index(torch.arange(tok.n_voxels), grid), -1)
+        self.register_buffer("axes", axes, persistent=False)
+        self.cond = nn.Sequential(nn.Linear(1, width), nn.GELU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(Block(width, heads, ffn_mult, classes, theta, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.heads = nn.ModuleDict({base_particle: Heads(width, tok.space_vocab, tok.energy_vocab)})
+
+    @property
+    def classes(self) -> list[str]:
+        return self.blocks[0].moe.label_names
+
+    def embed_hits(self, space: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        x = self.space_emb(space) + self.energy_emb(energy)
+        for i, emb in enumerate(self.axis_emb):
+            x = x + emb(self.axes[space, i])
+        return x
+
+    def embed_condition(self, incident_mev: torch.Tensor) -> torch.Tensor:
+        # ln(E / 1 GeV) / 5 maps the 10-100 GeV range to ~[0.5, 0.9]
+        return self.cond((incident_mev.float() / 1e3).log()[:, None] / 5)[:, None]
+
+    def run(self, x: torch.Tensor, class_ids: torch.Tensor, particles: list[str], caches: list[dict] | None = None) -> torch.Tensor:
+        """Blocks + final norm over embedded positions (with ``caches``: only the new positions)."""
+        gates = [(p, torch.tensor([q == p for q in particles], device=x.device)[:, None, None]) for p in dict.fromkeys(particles)]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, gates, class_ids, None if caches is None else caches[i])
+        return self.norm(x)
+
+    def hidden(self, space: torch.Tensor, energy: torch.Tensor, incident_mev: torch.Tensor,
+               class_ids: torch.Tensor, particles: list[str]) -> torch.Tensor:
+        """(B, L) hit tokens -> (B, L + 1, width); position 0 is the incident energy, position i predicts hit i + 1."""
+        x = torch.cat([self.embed_condition(incident_mev), self.embed_hits(space, energy)], 1)
+        return self.run(x, class_ids, particles)
+
+    def per_particle(self, particles: list[str], fn: Callable[[Heads], torch.Tensor]) -> torch.Tensor:
+        """``fn(heads)`` with each row's own particle heads; every head sees the full tensor, so a
+        particle's rows are computed exactly as they were before other particles existed."""
+        out = None
+        for p in dict.fromkeys(particles):
+            y = fn(self.heads[p])
+            rows = torch.tensor([q == p for q in particles], device=y.device).view(-1, *[1] * (y.dim() - 1))
+            out = y if out is None else torch.where(rows, y, out)
+        return out
+
+    def add_class(self, name: str, clone_from: str, lora: LoRA | None) -> list[str]:
+        """Add ``name``: an expert cloned from ``clone_from`` per block and, for a new particle,
+        heads copied from the source particle's plus (if given) LoRA on attention. Freezes all else."""
+        particle, src_particle = parse_class(name)[1], parse_class(clone_from)[1]
+        self.requires_grad_(False)
+        for blk in self.blocks:
+            blk.moe.add_expert(clone_from=clone_from, label=name)
+        added = [f"expert {name} (from {clone_from})"]
+        if particle not in self.heads:
+            self.heads[particle] = copy.deepcopy(self.heads[src_particle]).requires_grad_(True)
+            added.append(f"{particle} heads (from {src_particle})")
+            if lora is not None:
+                for blk in self.blocks:
+                    blk.attn.add_particle(particle, lora)
+                added.append(f"{particle} rsLoRA r={lora.r} alpha={lora.alpha} on {'/'.join(PROJECTIONS)}")
+        return added
+
+
+#: hyperparameters that fix the architecture; a stage must use its init_from's values
+ARCHITECTURE = ("grid", "energy_bins", "e_min_mev", "e_max_mev", "width", "depth", "heads", "ffn_mult", "rope_theta", "backbone_seed")
+
+
+def rebuild_stage(path: str | Path) -> "CaloShowerModel":
+    """The model of an earlier stage from its checkpoint alone (recursively through its init_from).
+
+    A module-level function on purpose: Lightning collects hyperparameters from the chain of
+    ``__init__`` frames above ``save_hyperparameters``, which must not reach the caller's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from checkpoint {path} not found; run the earlier stage first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    known = inspect.signature(CaloShowerModel.__init__).parameters.keys() | inspect.signature(AdaptedModule.__init__).parameters.keys()
+    hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in known and k not in ("self", "kwargs")}
+    prev = CaloShowerModel(**hp)
+    prev.on_load_checkpoint(ckpt)  # every trainable key present, frozen-base fingerprint matches
+    prev.load_stage_checkpoint(path)
+    return prev
+
+
+class CaloShowerModel(AdaptedModule):
+    """The FM4CAL shower model and its lifecycle stages (see the module docstring).
+
+    Args:
+        grid: voxels per (layer, a, b); must match the data. Reference: 30 x 30 x 30.
+        energy_bins, e_min_mev, e_max_mev: log-spaced deposit bins; e_min is the data's threshold.
+        width, depth, heads, ffn_mult: transformer size (CPU default 64 / 2 / 4 / 2; reference width 256).
+        rope_theta: rotary base (1000 as in the reference: sequences are short).
+        classes: pretraining classes (with ``init_from`` the checkpoint's classes are used).
+        add_class: this stage's new class, e.g. ``Pb_photon``; needs ``init_from``.
+        closest_expert: class (``W_photon``) or material (``W``: same particle if known, else the
+            base particle) whose expert the new one is cloned from.
+        lora_r, lora_alpha: rsLoRA (scale alpha / sqrt(r)) for a new particle. Reference r=128, alpha=32.
+        finetune: ``"peft"`` (the lifecycle) or ``"full"`` (baseline: new class heads and expert,
+            no LoRA, and *every* weight trains; forgetting is then possible and measured).
+        max_hits, temperature, monotone_energy: generation (hits ordered by energy, so each
+            sampled energy token may be at most the previous one).
+        init_from: the previous stage's checkpoint (the stage runner passes it).
+        output_dir: where ``predict`` writes HDF5 + PNGs (default ``<default_root_dir>/predictions``).
+    """
+
+    def __init__(
+        self,
+        grid: list[int] = [8, 6, 6],  # noqa: B006 - jsonargparse reads literal defaults
+        energy_bins: int = 64,
+        e_min_mev: float = 50.0,
+        e_max_mev: float = 1.2e5,  # above the hottest voxel of a 100 GeV shower
+        width: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        ffn_mult: int = 2,
+        dropout: float = 0.0,
+        rope_theta: float = 1000.0,
+        classes: list[str] = ["W_photon", "Ta_photon"],  # noqa: B006
+        add_class: str | None = None,
+        closest_expert: str | None = None,
+        lora_r: int = 8,
+        lora_alpha: float = 8.0,  # 8 / sqrt(8) = 2.83, the reference's 32 / sqrt(128)
+        finetune: str = "peft",
+        max_hits: int = 128,
+        temperature: float = 1.0,
+        monotone_energy: bool = True,
+        init_from: str | None = None,
+        output_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if init_from is not None:
+            init_from = str(Path(init_from).resolve())
+            self.hparams["init_from"] = init_from  # so later stages find it from any directory
+        if finetune not in ("peft", "full"):
+            raise ValueError(f"finetune must be 'peft' or 'full', got {finetune!r}")
+        self.tokenizer = ShowerTokenizer(int(np.prod(grid)), e_min_mev, e_max_mev, energy_bins)
+        self.grid = tuple(grid)
+        self.max_hits, self.temperature, self.monotone_energy = max_hits, temperature, monotone_energy
+        self.output_dir = output_dir
+        self.added: list[str] = []
+        if init_from is None:
+            if add_class is not None:
+                raise ValueError("add_class extends an earlier stage: also give init_from=<its last.ckpt>")
+            particles = {parse_class(c)[1] for c in classes}
+            if len(particles) != 1:
+                raise ValueError(f"pretraining classes must share one particle (the base), got {classes}")
+            with self.seeded():
+                self.backbone = ShowerTransformer(self.tokenizer, self.grid, width, depth, heads, ffn_mult,
+                                                  list(classes), particles.pop(), rope_theta, dropout)
+            self.stage = "pretrain"
+        else:
+            prev = rebuild_stage(init_from)
+            diff = {k: (self.hparams[k], prev.hparams[k]) for k in ARCHITECTURE if self.hparams[k] != prev.hparams[k]}
+            if diff:
+                raise ValueError(f"architecture differs from init_from {init_from} (this, checkpoint): {diff}")
+            self.backbone = prev.backbone
+            self.added = list(prev.added)
+            self.stage = f"add {add_class}" if add_class else "continue"
+        self.old_classes = list(self.backbone.classes) if init_from else []
+        self._probe = self._probe_outputs(self.old_classes)
+        if add_class is not None:
+            source = self._resolve_source(add_class, closest_expert)
+            lora = LoRA(r=lora_r, alpha=lora_alpha, rslora=True, targets=list(PROJECTIONS)) if finetune == "peft" else None
+            with self.seeded(self.backbone_seed + len(self.backbone.classes)):
+                self.added += self.backbone.add_class(add_class, source, lora)
+            if finetune == "full":
+                self.backbone.requires_grad_(True)
+            if finetune == "peft" and not self.outputs_unchanged():
+                raise RuntimeError(f"adding {add_class} changed the outputs of {self.old_classes}; this is a bug")
+        elif init_from is not None:
+            self.backbone.requires_grad_(False)
+        self.report = parameter_report(self, self.stage)
+
+    # --- lifecycle helpers --------------------------------------------------------------------
+    def _resolve_source(self, new: str, closest: str | None) -> str:
+        known = self.backbone.classes
+        if new in known:
+            raise ValueError(f"class {new!r} already exists ({known})")
+        if closest is None:
+            raise ValueError(f"adding {new}: set closest_expert (a class or material among {known})")
+        if closest in known:
+            return closest
+        _, particle = parse_class(new)
+        base = parse_class(known[0])[1]
+        for cand in (f"{closest}_{particle}", f"{closest}_{base}"):
+            if cand in known:
+                return cand
+        raise ValueError(f"closest_expert {closest!r} matches no known class in {known}")
+
+    @torch.no_grad()
+    def _probe_outputs(self, classes: list[str]) -> torch.Tensor | None:
+        """Logits of a fixed random batch of ``classes`` (eval mode): the no-forgetting witness."""
+        if not classes:
+            return None
+        g = torch.Generator().manual_seed(1234)
+        labels = [c for c in classes for _ in range(2)]
+        space = torch.randint(1, self.tokenizer.n_voxels + 1, (len(labels), 12), generator=g)
+        energy = torch.randint(1, self.tokenizer.n_bins + 1, (len(labels), 12), generator=g)
+        inc = torch.exp(torch.empty(len(labels)).uniform_(math.log(1e4), math.log(1e5), generator=g))
+        was = self.training
+        self.eval()
+        net = self.backbone
+        dev = next(net.parameters()).device
+        ids, particles = self.route(labels)
+        h = net.hidden(space.to(dev), energy.to(dev), inc.to(dev), ids.to(dev), particles)
+        nxt = torch.cat([space[:, 1:], space[:, :1]], 1).to(dev)
+        out = torch.cat([net.per_particle(particles, lambda hd: hd.space_logits(h[:, 1:])),
+                         net.per_particle(particles, lambda hd: hd.energy_logits(h[:, 1:], nxt))], -1)
+        self.train(was)
+        return out.cpu()
+
+    def outputs_unchanged(self) -> bool | None:
+        """True if the old classes' outputs are bit-identical to those before this stage (None: no old classes)."""
+        if self._probe is None:
+            return None
+        return torch.equal(self._probe_outputs(self.old_classes), self._probe)
+
+    def route(self, labels: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Class names -> expert label ids and particles, with a clear error for unknown classes."""
+        return self.backbone.blocks[0].moe.label_ids(labels), [parse_class(c)[1] for c in labels]
+
+    # --- training ---------------------------------------------------------------------------
+    def _sequences(self, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        tok = self.tokenizer
+        voxels, n = batch["voxels"], batch["n_hits"]
+        space = tok.space_tokens(voxels)
+        energy = tok.energy_tokens(batch["energies"], voxels >= 0)
+        rows = torch.arange(len(n), device=n.device)
+        s_tgt = F.pad(space, (0, 1), value=tok.space_pad)
+        s_tgt[rows, n] = tok.space_end
+        e_tgt = F.pad(energy, (0, 1), value=tok.energy_pad)
+        return space, energy, s_tgt, e_tgt
+
+    def token_nll(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-token NLL of the space and energy targets (B, L + 1; 0 where ignored) and per-sample NLL per hit."""
+        space, energy, s_tgt, e_tgt = self._sequences(batch)
+        ids, particles = self.route(batch["label"])
+        net, tok = self.backbone, self.tokenizer
+        h = net.hidden(space, energy, batch["incident_energy"], ids.to(space.device), particles)
+        s_logits = net.per_particle(particles, lambda hd: hd.space_logits(h))
+        e_logits = net.per_particle(particles, lambda hd: hd.energy_logits(h, s_tgt))
+        nll_s = F.cross_entropy(s_logits.transpose(1, 2), s_tgt, ignore_index=tok.space_pad, reduction="none")
+        nll_e = F.cross_entropy(e_logits.transpose(1, 2), e_tgt, ignore_index=tok.energy_pad, reduction="none")
+        return {
+            "space": nll_s, "energy": nll_e,
+            "n_space": (s_tgt != tok.space_pad).sum(), "n_energy": (e_tgt != tok.energy_pad).sum(),
+            "per_sample": (nll_s.sum(1) + nll_e.sum(1)) / (batch["n_hits"] + 1),
+        }
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        nll = self.token_nll(batch)
+        space = nll["space"].sum() / nll["n_space"]
+        energy = nll["energy"].sum() / nll["n_energy"].clamp_min(1)
+        return {"loss": space + energy, "nll_space": space, "nll_energy": energy}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        nll = self.token_nll(batch)
+        n = len(batch["label"])
+        self.log("val/loss", nll["space"].sum() / nll["n_space"] + nll["energy"].sum() / nll["n_energy"].clamp_min(1),
+                 prog_bar=True, batch_size=n, sync_dist=True)
+        self._log_per_class("val", batch["label"], nll["per_sample"])
+
+    def _log_per_class(self, split: str, labels: list[str], per_sample: torch.Tensor) -> None:
+        for cls in dict.fromkeys(labels):
+            rows = torch.tensor([c == cls for c in labels], device=per_sample.device)
+            self.log(f"{split}/{cls}/nll", per_sample[rows].mean(), batch_size=int(rows.sum()), sync_dist=True)
+
+    # --- generation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, incident_mev: torch.Tensor, labels: list[str], temperature: float | None = None,
+                 max_hits: int | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample showers autoregressively: (space, energy) token sequences (B, <= max_hits + 1).
+
+        Keys and values of earlier hits are cached, so each step costs one position, not the sequence.
+
+        Constraints applied while sampling: a voxel is hit at most once, start/pad are never
+        drawn, the sequence ends by ``max_hits``, and (``monotone_energy``) energies do not rise.
+        ``temperature`` divides the logits; 0 takes the most likely token.
+        """
+        net, tok = self.backbone, self.tokenizer
+        temperature = self.temperature if temperature is None else temperature
+        max_hits = self.max_hits if max_hits is None else max_hits
+        dev = incident_mev.device
+        ids, particles = self.route(labels)
+        ids = ids.to(dev)
+        b = len(labels)
+        rows = torch.arange(b, device=dev)
+        space = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        energy = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        banned = torch.zeros(b, tok.space_vocab, dtype=torch.bool, device=dev)
+        banned[:, [tok.START, tok.space_pad]] = True
+        e_allowed = torch.arange(tok.energy_vocab, device=dev)
+        e_special = (e_allowed == tok.START) | (e_allowed >= tok.energy_end)
+        ceiling = torch.full((b,), tok.n_bins, device=dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+
+        def draw(logits: torch.Tensor) -> torch.Tensor:
+            if temperature == 0:
+                return logits.argmax(-1)
+            return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
+
+        caches: list[dict] = [{} for _ in net.blocks]
+        x = net.embed_condition(incident_mev)
+        for step in range(max_hits + 1):
+            h = net.run(x, ids, particles, caches)[:, -1]
+            s_logits = net.per_particle(particles, lambda hd: hd.space_logits(h)).masked_fill(banned, -math.inf)
+            if step == max_hits:
+                s_logits = torch.full_like(s_logits, -math.inf).index_fill_(1, torch.tensor([tok.space_end], device=dev), 0.0)
+            s = torch.where(done, tok.space_pad, draw(s_logits))
+            e_mask = e_special[None] | (self.monotone_energy & (e_allowed[None] > ceiling[:, None]))
+            e = draw(net.per_particle(particles, lambda hd: hd.energy_logits(h, s)).masked_fill(e_mask, -math.inf))
+            is_hit = ~done & (s != tok.space_end)
+            e = torch.where(is_hit, e, tok.energy_pad)
+            banned[rows[is_hit], s[is_hit]] = True
+            ceiling = torch.where(is_hit, e, ceiling)
+            done |= s == tok.space_end
+            space, energy = torch.cat([space, s[:, None]], 1), torch.cat([energy, e[:, None]], 1)
+            if done.all():
+                break
+            x = net.embed_hits(s[:, None], e[:, None])
+        return space, energy
+
+    def generate_showers(self, incident_mev: torch.Tensor, labels: list[str], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Generated voxel energies (B, n_voxels) [MeV], deposits drawn within their energy bins."""
+        space, energy = self.generate(incident_mev, labels, generator=generator)
+        return self.tokenizer.dense(space, energy, generator)
+
+    def reference_showers(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's own showers as voxel energies (B, n_voxels) [MeV]."""
+        v = batch["voxels"]
+        out = torch.zeros(v.shape[0], self.tokenizer.n_voxels, device=v.device)
+        keep = v >= 0
+        return out.index_put_((keep.nonzero(as_tuple=True)[0], v[keep]), batch["energies"][keep].float(), accumulate=True)
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def geometry(self) -> Geometry:
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        return getattr(dm, "geometry", None) or Geometry(self.grid)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is None:
+            return
+        if tuple(dm.geometry.grid) != self.grid:
+            raise ValueError(f"data grid {dm.geometry.grid} != model grid {self.grid}; set both to the same")
+        if getattr(dm, "threshold_mev", self.tokenizer.edges[0]) != float(self.tokenizer.edges[0]):
+            raise ValueError(f"data threshold_mev {dm.threshold_mev} != model e_min_mev {float(self.tokenizer.edges[0])}")
+        unknown = sorted(set(dm.classes + dm.eval_classes) - set(self.backbone.classes))
+        if unknown:
+            raise ValueError(f"data classes {unknown} unknown to the model ({self.backbone.classes}); add them with add_class")
+
+    def on_test_epoch_start(self) -> None:
+        self._collected: dict[str, dict[str, list]] = {}
+        self._gen = torch.Generator(device=self.device).manual_seed(0)
+
+    def _collect(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        gen = self.generate_showers(batch["incident_energy"], batch["label"], self._gen)
+        ref = self.reference_showers(batch)
+        for i, cls in enumerate(batch["label"]):
+            d = self._collected.setdefault(cls, {"gen": [], "ref": [], "inc": []})
+            d["gen"].append(gen[i].cpu().numpy())
+            d["ref"].append(ref[i].cpu().numpy())
+            d["inc"].append(float(batch["incident_energy"][i]))
+        return {"generated": gen, "reference": ref}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        nll = self.token_nll(batch)
+        self.log("test/loss", nll["space"].sum() / nll["n_space"] + nll["energy"].sum() / nll["n_energy"].clamp_min(1),
+                 batch_size=len(batch["label"]), sync_dist=True)
+        self._log_per_class("test", batch["label"], nll["per_sample"])
+        self._collect(batch)
+
+    def class_metrics(self) -> dict[str, dict[str, float]]:
+        """Separation power / KL per observable and classifier AUC for every collected class."""
+        out = {}
+        for cls, d in self._collected.items():
+            inc = np.asarray(d["inc"])
+            out[cls] = compare(np.stack(d["ref"]), np.stack(d["gen"]), inc, inc, self.geometry())
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        for cls, m in self.class_metrics().items():
+            for k in ("sep_mean", "kl_mean", "auc", "sep/e_ratio", "sep/n_hits", "sep/longitudinal", "sep/lateral"):
+                self.log(f"test/{cls}/{k}", m[k])
+        unchanged = self.outputs_unchanged()
+        if unchanged is not None:
+            self.log("test/no_forgetting", float(unchanged))
+
+    def on_predict_epoch_start(self) -> None:
+        self.on_test_epoch_start()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._collect(batch)
+
+    def on_predict_epoch_end(self) -> None:
+        from .plots import layer_images, observable_histograms
+
+        root = Path(self.output_dir or Path(self.trainer.default_root_dir) / "predictions")
+        root.mkdir(parents=True, exist_ok=True)
+        geo = self.geometry()
+        for cls, d in self._collected.items():
+            gen, ref, inc = np.stack(d["gen"]), np.stack(d["ref"]), np.asarray(d["inc"])
+            material, particle = parse_class(cls)
+            write_calochallenge(root / f"{cls}_generated.hdf5", inc, gen, {"material": material, "particle": particle})
+            layer_images(ref, gen, geo, root / f"{cls}_layers.png", cls)
+            observable_histograms(ref, gen, inc, inc, geo, root / f"{cls}_observables.png", cls)
+        rank_zero_info(f"calorimetry: generated showers and plots for {sorted(self._collected)} in {root}")
+
+    # --- reporting --------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.report = parameter_report(self, self.stage)
+        rank_zero_info(f"calorimetry stage '{self.stage}': classes {self.backbone.classes}; added so far: {self.added}")
+
+    def on_fit_end(self) -> None:
+        unchanged = self.outputs_unchanged()
+        self.no_forgetting = unchanged
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        lines = [f"calorimetry '{self.stage}': trainable {self.report.trainable:,} / {self.report.total:,} parameters"]
+        if unchanged is not None:
+            lines.append(f"old classes {self.old_classes} bit-identical after training: {unchanged}")
+        lines += [f"  {k:<28} {v:.4f}" for k, v in sorted(metrics.items())]
+        rank_zero_info("\n".join(lines))
