@@ -88,6 +88,16 @@ class AdapterLayer(nn.Module):
         self.spec = spec
         self.merged = False
 
+    def __getattr__(self, name: str) -> Any:
+        # a drop-in replacement: models read attributes of the layer they built (open_clip reads
+        # mlp.c_fc.weight.dtype, MultiheadAttention callers read batch_first); delegate to the base
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     # --- the contract -------------------------------------------------------------------
     def adapter_params(self) -> list[str]:
         """Names (relative to this layer) of the parameters the method trains."""

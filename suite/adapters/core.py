@@ -128,7 +128,7 @@ def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
     for name, mod in selected:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, spec.wrap(name, mod))
+        setattr(parent, child, spec.wrap(name, mod).train(mod.training))  # new dropout etc. follow the model's mode
     for p in model.parameters():
         p.requires_grad_(id(p) in previously_trainable)
     for _, layer in adapter_layers(model):

@@ -108,6 +108,12 @@ class FourierMoELinear(AdapterLayer):
         self.impl = "spectral"  # "dense": build E dense dW_e (reference / benchmark only)
         self._aux: torch.Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        # the last balance loss holds an autograd graph; copies (deepcopy, EMA teachers, pickling) drop it
+        state = super().__getstate__()
+        state["_aux"] = None
+        return state
+
     def complex_coefficients(self) -> torch.Tensor:
         """``(E, rows, cols)`` complex coefficients with self-conjugate bins real and redundant bins zero."""
         c = self.coefficients

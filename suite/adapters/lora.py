@@ -416,15 +416,6 @@ class LoRAMultiheadAttention(AdapterLayer):
             self.lora_in.reset_lora()
             self.lora_out.reset_lora()
 
-    def __getattr__(self, name: str) -> Any:
-        # callers read MultiheadAttention attributes (batch_first, embed_dim, ...) off the module
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.merged:
             return self.base_layer(*args, **kwargs)

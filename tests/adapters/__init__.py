@@ -1,0 +1,1 @@
+"""Tests of the shared adapter layer (suite/adapters)."""
