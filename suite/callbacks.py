@@ -73,13 +73,13 @@ class RunRecord(L.Callback):
             "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
         }
-        self._dump(trainer)
+        # trainer.log_dir broadcasts from rank 0, so every rank must ask for it
+        log_dir = trainer.log_dir
+        if log_dir is not None:
+            self._dump(Path(log_dir))
 
     @rank_zero_only
-    def _dump(self, trainer: L.Trainer) -> None:
-        if trainer.log_dir is None:
-            return
-        path = Path(trainer.log_dir)
+    def _dump(self, path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
         (path / self.filename).write_text(json.dumps(self.record, indent=2, default=str))
 

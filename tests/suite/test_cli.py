@@ -99,3 +99,10 @@ def test_run_folder_records_config_seed_versions_and_split_hashes_and_resumes(to
     cli = main(["test", "--config", str(toy_yaml), "--ckpt_path", "last"])
     assert "test/loss" in cli.trainer.callback_metrics
     assert json.loads((run / "logs" / "version_2" / "run.json").read_text())["stage"] == "test"
+
+
+def test_cli_runs_ddp_with_two_cpu_processes_and_records_the_run(toy_yaml: Path, tmp_path: Path) -> None:
+    cli = main(["fit", "--config", str(toy_yaml), "--trainer.strategy", "ddp_fork", "--trainer.devices", "2"])
+    assert cli.trainer.world_size == 2
+    record = json.loads((tmp_path / "run" / "logs" / "version_0" / "run.json").read_text())
+    assert record["world_size"] == 2 and record["strategy"] == "DDPStrategy"
