@@ -1,0 +1,230 @@
+"""MCFT: momentum-consistency fine-tuning of a pretrained point encoder (Paul, Patterson and
+Bouguila, "An Adapter-free Fine-tuning Approach for Tuning 3D Foundation Models", arXiv 2603.23730).
+
+Few labelled clouds are too few to fine-tune a whole foundation model (it overfits and drifts
+from its pretrained features) and adapters add inference cost. MCFT instead
+
+1. trains only the top ``train_blocks`` (K) transformer blocks, the final norm and the head; the
+   patch embedding and lower blocks stay frozen at their pretrained values;
+2. keeps an EMA teacher of the encoder, initialised from the pretrained weights with momentum
+   ``momentum`` (m), and adds ``consistency_weight`` (lambda) * (1 - cos(student(view 1),
+   stopgrad(teacher(view 2)))) to the cross-entropy, so the trained blocks stay close to
+   task-agnostic features;
+3. optionally (semi-supervised) applies the consistency to unlabelled clouds as well, with
+   pseudo-labels from the teacher where its confidence exceeds ``pseudo_label_threshold``;
+4. optionally (pruning) drops the top ``prune_blocks`` (L) blocks before fine-tuning.
+
+The teacher lives in :class:`suite.callbacks.EMATeacher` (returned by ``configure_callbacks``),
+not in the model, so the deployed classifier is exactly encoder + linear head: the same
+parameter count and latency as the original model. Baselines are the same module with other
+settings: full fine-tuning (``train_blocks: -1``, lambda 0), linear probe (``train_blocks: 0``,
+lambda 0), LoRA (``adapter: LoRA``), prompt tuning (``encoder.num_prompts > 0``).
+
+Reference-code fix: a frozen BatchNorm (in the patch embedding) still updates its running
+statistics in train mode, so "frozen" layers drift; :meth:`train` keeps frozen BatchNorms in eval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from suite.adapters import AdapterSpec, parameter_report
+from suite.backbones.point import PointEncoder, PointEncoderConfig, encoder_state_from_checkpoint, load_encoder_state
+from suite.callbacks import EMATeacher
+from suite.module import AdaptedModule
+
+from .predict import CloudPredictionWriter
+from .pretrain import foundation_checkpoint
+
+#: Point-MAE's fine-tuning augmentation: per-axis scale in [2/3, 3/2] and shift in [-0.2, 0.2]
+SCALE, SHIFT = (2.0 / 3.0, 3.0 / 2.0), 0.2
+#: small per-point jitter (std, clip) so the two views differ locally as well as globally
+JITTER = (0.01, 0.05)
+
+
+class PointCloudClassifier(AdaptedModule):
+    """Point encoder + linear head, fine-tuned by MCFT or by one of the baselines.
+
+    Args:
+        num_classes: classes of the task (N of an N-way episode); checked against the data.
+        encoder: encoder shape; must match the pretrained checkpoint.
+        init_from: ``"foundation"`` (the cached pretraining run for this encoder, pretrained first
+            if absent), a checkpoint of the pretraining stage, a Point-MAE / Point-BERT checkpoint,
+            or ``None`` (random encoder: training from scratch).
+        train_blocks: K, top blocks that train; 0 = none (linear probe / LoRA), -1 = the whole
+            encoder including the patch embedding (full fine-tuning).
+        momentum: m of the EMA teacher (1 keeps the teacher at the pretrained weights).
+        consistency_weight: lambda; 0 switches the teacher off.
+        prune_blocks: L, top blocks removed before fine-tuning.
+        pseudo_label_threshold: semi-supervised only: teacher confidence above which an
+            unlabelled cloud also gets a cross-entropy term on its pseudo-label (None: off).
+        aug_seed: seeds the per-step augmentations, so a resumed run repeats an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 5,
+        encoder: PointEncoderConfig | None = None,
+        init_from: str | None = "foundation",
+        train_blocks: int = 2,
+        momentum: float = 0.99,
+        consistency_weight: float = 1.0,
+        prune_blocks: int = 0,
+        pseudo_label_threshold: float | None = None,
+        aug_seed: int = 0,
+        adapter: AdapterSpec | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(adapter=adapter, **kwargs)
+        cfg = PointEncoderConfig.coerce(encoder)
+        self.hparams["encoder"] = cfg.to_dict()  # plain dict: checkpoints load with weights_only
+        if pseudo_label_threshold is not None and not 0 < pseudo_label_threshold < 1:
+            raise ValueError(f"pseudo_label_threshold must be in (0, 1) or null, got {pseudo_label_threshold}")
+        self.num_classes, self.train_blocks, self.momentum = num_classes, train_blocks, momentum
+        self.consistency_weight, self.pseudo_label_threshold, self.aug_seed = consistency_weight, pseudo_label_threshold, aug_seed
+        with self.seeded():
+            self.backbone = PointEncoder(cfg)
+            self.head = nn.Linear(self.backbone.num_features, num_classes)
+        self.load_report = self._load_pretrained(init_from, cfg) if init_from else None
+        self.backbone.prune(prune_blocks)
+        self.adapt()  # injects `adapter` if any; freezes the rest of the backbone
+        self._unfreeze(train_blocks)
+        self.report = parameter_report(self, self.method)
+        self.val_acc, self.test_acc = MulticlassAccuracy(num_classes, average="micro"), MulticlassAccuracy(num_classes, average="micro")
+
+    # --- building -------------------------------------------------------------------------------
+    def _load_pretrained(self, init_from: str, cfg: PointEncoderConfig) -> Any:
+        if init_from == "foundation":
+            path = foundation_checkpoint(replace(cfg, num_prompts=0, drop_path_rate=0.0))
+        else:
+            path = Path(init_from)
+            if not path.is_file():
+                raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint (use 'foundation', a pretraining-stage or a Point-MAE checkpoint)")
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        stage_state = raw.get("state_dict") if isinstance(raw, dict) else None
+        if isinstance(stage_state, dict) and any(k.startswith("backbone.") for k in stage_state):
+            state = {k[len("backbone.") :]: v for k, v in stage_state.items() if k.startswith("backbone.")}
+        else:
+            state = encoder_state_from_checkpoint(raw, path)
+        return load_encoder_state(self.backbone, state, str(path))
+
+    def _unfreeze(self, k: int) -> None:
+        blocks = self.backbone.blocks.blocks
+        if k == -1:
+            self.backbone.requires_grad_(True)
+        elif 0 <= k <= len(blocks):
+            for block in blocks[len(blocks) - k :]:
+                block.requires_grad_(True)
+            self.backbone.norm.requires_grad_(k > 0)
+        else:
+            raise ValueError(f"train_blocks must be -1 (all) or 0..{len(blocks)} (the encoder has {len(blocks)} blocks), got {k}")
+        if self.backbone.cfg.num_prompts:
+            self.backbone.prompt_tokens.requires_grad_(True)
+
+    @property
+    def method(self) -> str:
+        if self.adapter is not None:
+            return self.adapter.method
+        if self.backbone.cfg.num_prompts:
+            return "prompt tuning"
+        if self.train_blocks == -1:
+            return "full fine-tuning"
+        if self.train_blocks == 0:
+            return "linear probe"
+        return f"MCFT (top {self.train_blocks} blocks, lambda {self.consistency_weight}, m {self.momentum})"
+
+    def train(self, mode: bool = True) -> "PointCloudClassifier":
+        super().train(mode)
+        for m in self.modules():  # frozen BatchNorms keep their pretrained statistics
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+        return self
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        callbacks: list[L.Callback] = [CloudPredictionWriter()]
+        if self.consistency_weight > 0:
+            callbacks.append(EMATeacher(student="backbone", attribute="ema_teacher", momentum=self.momentum))
+        return callbacks
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        n = getattr(dm, "num_classes", None)
+        if n is not None and n != self.num_classes:
+            raise ValueError(f"model.num_classes={self.num_classes} but the data has {n} classes; set model.init_args.num_classes: {n}")
+
+    # --- forward and losses ------------------------------------------------------------------------
+    def forward(self, points: Tensor) -> Tensor:
+        return self.head(self.backbone(points))
+
+    def augment(self, points: Tensor, g: torch.Generator) -> Tensor:
+        b = points.shape[0]
+        scale = torch.empty(b, 1, 3).uniform_(*SCALE, generator=g)
+        shift = torch.empty(b, 1, 3).uniform_(-SHIFT, SHIFT, generator=g)
+        jitter = (torch.randn(points.shape, generator=g) * JITTER[0]).clamp(-JITTER[1], JITTER[1])
+        return points * scale.to(points) + shift.to(points) + jitter.to(points)
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        labelled, unlabelled = (batch["labelled"], batch["unlabelled"]) if "labelled" in batch else (batch, None)
+        if not self.training:
+            return {"loss": F.cross_entropy(self(labelled["points"]), labelled["label"])}
+        g = torch.Generator().manual_seed(self.aug_seed * 1_000_003 + int(self.global_step))
+        feats = self.backbone(self.augment(labelled["points"], g))
+        losses = {"ce": F.cross_entropy(self.head(feats), labelled["label"])}
+        loss = losses["ce"]
+        if self.consistency_weight > 0:
+            teacher = getattr(self, "ema_teacher", None)
+            if teacher is None:
+                raise RuntimeError("consistency_weight > 0 needs the EMATeacher callback (added by configure_callbacks when fitting)")
+            clouds = labelled["points"]
+            if unlabelled is not None:
+                feats = torch.cat([feats, self.backbone(self.augment(unlabelled["points"], g))])
+                clouds = torch.cat([clouds, unlabelled["points"]])
+            with torch.no_grad():
+                target = teacher(self.augment(clouds, g))
+            losses["consistency"] = (1 - F.cosine_similarity(feats, target, dim=-1)).mean()
+            loss = loss + self.consistency_weight * losses["consistency"]
+            if unlabelled is not None and self.pseudo_label_threshold is not None:
+                n_lab = len(labelled["points"])
+                conf, pseudo = self.head(target[n_lab:]).softmax(-1).max(-1)
+                keep = conf >= self.pseudo_label_threshold
+                losses["pseudo_frac"] = keep.float().mean()
+                if keep.any():
+                    losses["pseudo_ce"] = F.cross_entropy(self.head(feats[n_lab:][keep]), pseudo[keep])
+                    loss = loss + losses["pseudo_ce"]
+        losses["loss"] = loss
+        return losses
+
+    # --- evaluation and prediction -------------------------------------------------------------------
+    def _evaluate(self, batch: dict[str, Tensor], split: str, metric: MulticlassAccuracy) -> None:
+        logits = self(batch["points"])
+        metric.update(logits, batch["label"])
+        bs = len(logits)
+        self.log(f"{split}/loss", F.cross_entropy(logits, batch["label"]), sync_dist=True, batch_size=bs)
+        self.log(f"{split}/acc", metric, prog_bar=split == "val", batch_size=bs)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        prob = self(batch["points"]).softmax(-1)
+        return {"index": batch["index"], "label": batch["label"], "prob": prob, "points": batch["points"]}
+
+    def on_fit_end(self) -> None:
+        m = self.trainer.callback_metrics
+        acc = f"{float(m['val/acc']):.4f}" if "val/acc" in m else "n/a"
+        rank_zero_info(
+            f"\n| method | trainable / total params | val acc |\n|---|---|---|\n"
+            f"| {self.method} | {self.report.trainable:,} / {self.report.total:,} | {acc} |"
+        )
