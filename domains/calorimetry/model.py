@@ -254,7 +254,9 @@ class CaloShowerModel(AdaptedModule):
         max_hits, temperature, monotone_energy: generation (hits ordered by energy, so each
             sampled energy token may be at most the previous one).
         init_from: the previous stage's checkpoint (the stage runner passes it).
-        output_dir: where ``predict`` writes HDF5 + PNGs (default ``<default_root_dir>/predictions``).
+        output_dir: where ``predict`` writes, per class, ``<class>_generated.hdf5`` and
+            ``<class>_reference.hdf5`` (CaloChallenge layout) and two PNGs (default
+            ``<default_root_dir>/predictions``).
     """
 
     def __init__(
@@ -349,20 +351,20 @@ class CaloShowerModel(AdaptedModule):
             return None
         g = torch.Generator().manual_seed(1234)
         labels = [c for c in classes for _ in range(2)]
-        space = torch.randint(1, self.tokenizer.n_voxels + 1, (len(labels), 12), generator=g)
-        energy = torch.randint(1, self.tokenizer.n_bins + 1, (len(labels), 12), generator=g)
-        inc = torch.exp(torch.empty(len(labels)).uniform_(math.log(1e4), math.log(1e5), generator=g))
+        n, tok = len(labels), self.tokenizer
+        dev = next(self.backbone.parameters()).device
+        probe = {
+            "voxels": torch.randint(0, tok.n_voxels, (n, 12), generator=g).to(dev),
+            "energies": tok.energies(torch.randint(1, tok.n_bins + 1, (n, 12), generator=g)).to(dev),
+            "n_hits": torch.full((n,), 12, device=dev),
+            "incident_energy": torch.exp(torch.empty(n).uniform_(math.log(1e4), math.log(1e5), generator=g)).to(dev),
+            "label": labels,
+        }
         was = self.training
         self.eval()
-        net = self.backbone
-        dev = next(net.parameters()).device
-        ids, particles = self.route(labels)
-        h = net.hidden(space.to(dev), energy.to(dev), inc.to(dev), ids.to(dev), particles)
-        nxt = torch.cat([space[:, 1:], space[:, :1]], 1).to(dev)
-        out = torch.cat([net.per_particle(particles, lambda hd: hd.space_logits(h[:, 1:])),
-                         net.per_particle(particles, lambda hd: hd.energy_logits(h[:, 1:], nxt))], -1)
+        s_logits, e_logits, _, _ = self.logits(probe)
         self.train(was)
-        return out.cpu()
+        return torch.cat([s_logits, e_logits], -1).cpu()
 
     def outputs_unchanged(self) -> bool | None:
         """True if the old classes' outputs are bit-identical to those before this stage (None: no old classes)."""
@@ -386,14 +388,20 @@ class CaloShowerModel(AdaptedModule):
         e_tgt = F.pad(energy, (0, 1), value=tok.energy_pad)
         return space, energy, s_tgt, e_tgt
 
-    def token_nll(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Per-token NLL of the space and energy targets (B, L + 1; 0 where ignored) and per-sample NLL per hit."""
+    def logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Space and energy logits (B, L + 1, vocab) with their targets (teacher forcing)."""
         space, energy, s_tgt, e_tgt = self._sequences(batch)
         ids, particles = self.route(batch["label"])
-        net, tok = self.backbone, self.tokenizer
+        net = self.backbone
         h = net.hidden(space, energy, batch["incident_energy"], ids.to(space.device), particles)
         s_logits = net.per_particle(particles, lambda hd: hd.space_logits(h))
         e_logits = net.per_particle(particles, lambda hd: hd.energy_logits(h, s_tgt))
+        return s_logits, e_logits, s_tgt, e_tgt
+
+    def token_nll(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Per-token NLL of the space and energy targets (B, L + 1; 0 where ignored) and per-sample NLL per hit."""
+        s_logits, e_logits, s_tgt, e_tgt = self.logits(batch)
+        tok = self.tokenizer
         nll_s = F.cross_entropy(s_logits.transpose(1, 2), s_tgt, ignore_index=tok.space_pad, reduction="none")
         nll_e = F.cross_entropy(e_logits.transpose(1, 2), e_tgt, ignore_index=tok.energy_pad, reduction="none")
         return {
@@ -556,7 +564,9 @@ class CaloShowerModel(AdaptedModule):
         for cls, d in self._collected.items():
             gen, ref, inc = np.stack(d["gen"]), np.stack(d["ref"]), np.asarray(d["inc"])
             material, particle = parse_class(cls)
-            write_calochallenge(root / f"{cls}_generated.hdf5", inc, gen, {"material": material, "particle": particle})
+            attrs = {"material": material, "particle": particle}
+            write_calochallenge(root / f"{cls}_generated.hdf5", inc, gen, attrs)
+            write_calochallenge(root / f"{cls}_reference.hdf5", inc, ref, attrs)
             layer_images(ref, gen, geo, root / f"{cls}_layers.png", cls)
             observable_histograms(ref, gen, inc, inc, geo, root / f"{cls}_observables.png", cls)
         rank_zero_info(f"calorimetry: generated showers and plots for {sorted(self._collected)} in {root}")
