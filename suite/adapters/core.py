@@ -289,8 +289,6 @@ def init_adapters(
             layer.begin_calibration()
         with torch.enable_grad():
             for batch in batches:
-                if seen >= limit:
-                    break
                 loss = loss_fn(batch)
                 if loss.dim() != 0 or not torch.isfinite(loss):
                     raise ValueError(f"calibration batch {seen}: loss must be a finite scalar, got {loss}")
@@ -304,6 +302,8 @@ def init_adapters(
                     layer.accumulate_calibration(list(grads[i : i + len(o)]))
                     i += len(o)
                 seen += 1
+                if seen >= limit:  # stop before fetching another batch (loaders may be expensive)
+                    break
         if seen == 0:
             raise ValueError("init_adapters got an empty iterable of calibration batches")
         for _, layer in pending:

@@ -1,0 +1,186 @@
+"""LoRA family against Hugging Face PEFT (the oracle) and against closed forms.
+
+Tolerances: fp32 outputs of O(1) compared at atol 1e-5 (a few matmuls of round-off).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from suite.adapters import LoRA, adapter_layers, export_peft, inject, merge, unmerge
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft")
+
+
+class Tiny(nn.Module):
+    """Embedding -> fused qkv Linear -> MultiheadAttention -> Conv2d over a token grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 12, padding_idx=0)
+        self.qkv = nn.Linear(12, 36)
+        self.mha = nn.MultiheadAttention(12, 2, batch_first=True)
+        self.conv = nn.Conv2d(12, 8, 3, padding=1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (B, 16, 12)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        h = h + self.mha(q, k, v, need_weights=False)[0]
+        img = h.transpose(1, 2).reshape(h.shape[0], 12, 4, 4)
+        return self.head(self.conv(img).mean((2, 3)))
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 20, (4, 16), generator=g), torch.randn(4, 3, generator=g)
+
+
+def _sgd(model, ids, target, steps=3, lr=0.1):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        loss = F.mse_loss(model(ids), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LoRA(r=2, alpha=4, targets=["emb", "qkv", "conv"], modules_to_save=["head"]),
+        LoRA(r=3, alpha=4, rslora=True, targets=["qkv", "conv"]),
+        LoRA(r=2, alpha=4, dora=True, targets=["qkv", "conv"]),
+        LoRA(r=2, alpha=4, qkv=["q", "v"], targets=["qkv"]),
+        LoRA(r=2, alpha=4, qkv=["k"], dora=True, targets=["qkv"]),
+    ],
+    ids=["lora", "rslora", "dora", "qv", "k_dora"],
+)
+def test_training_parity_with_peft(spec, tmp_path):
+    """Same start, same SGD steps: PEFT and we stay equal (forward *and* gradients agree)."""
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    ours = copy.deepcopy(base)
+    torch.manual_seed(1)
+    inject(ours, spec)
+    with torch.no_grad():  # move B off zero so the first gradients reach A too
+        for _, layer in adapter_layers(ours):
+            layer.lora.B.normal_(0, 0.1)
+    export_peft(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True).eval()
+    ids, target = _data()
+    torch.testing.assert_close(theirs(ids), ours(ids), atol=1e-6, rtol=1e-6)
+    if spec.qkv is None:  # block-structured export: PEFT would also train the zero blocks
+        _sgd(ours, ids, target)
+        _sgd(theirs, ids, target)
+        torch.testing.assert_close(theirs(ids), ours(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_multihead_attention_equals_reference_weights_and_peft_deltas(tmp_path):
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    ours = copy.deepcopy(base)
+    inject(ours, LoRA(r=2, alpha=4, qkv=["q", "v"], targets=["mha"]))
+    layer = ours.mha
+    with torch.no_grad():
+        layer.lora_in.B.normal_()
+        layer.lora_out.B.normal_()
+    # closed form: an nn.MultiheadAttention holding W + dW computes what the adapter computes
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        ref.mha.in_proj_weight += layer.lora_in.delta()
+        ref.mha.out_proj.weight += layer.lora_out.delta()
+        assert layer.lora_in.delta()[12:24].abs().max() == 0, "k rows stay untouched"
+    ids, _ = _data()
+    torch.testing.assert_close(ours(ids), ref(ids), atol=1e-6, rtol=1e-6)
+    export_peft(ours, tmp_path)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    pl = pm.base_model.model.mha
+    torch.testing.assert_close(pl.get_delta_weight("default"), layer.lora_in.delta(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(pl.base_layer.out_proj.get_delta_weight("default"), layer.lora_out.delta(), atol=1e-7, rtol=0)
+
+
+def test_merge_unmerge_restores_dora_weights():
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    inject(m, LoRA(r=2, dora=True, targets=["qkv", "conv"]))
+    with torch.no_grad():
+        for _, layer in adapter_layers(m):
+            layer.lora.B.normal_()
+            layer.magnitude.mul_(1.5)
+    ids, _ = _data()
+    w = {n: p.clone() for n, p in m.named_parameters()}
+    y = m(ids)
+    merge(m)
+    torch.testing.assert_close(m(ids), y, atol=1e-5, rtol=1e-5)
+    unmerge(m)
+    for n, p in m.named_parameters():
+        assert (p - w[n]).norm() <= 1e-6 * w[n].norm(), n
+
+
+def test_dropout_applies_to_the_adapter_input_only():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 6)
+    m = nn.Sequential(lin)
+    inject(m, LoRA(r=2, alpha=2, dropout=0.5, targets=["0"]))
+    layer = m[0]
+    with torch.no_grad():
+        layer.lora.B.normal_()
+    m.train()
+    x = torch.randn(5, 8)
+    torch.manual_seed(7)
+    y = m(x)
+    torch.manual_seed(7)
+    expected = lin(x) + F.linear(F.linear(F.dropout(x, 0.5, True), layer.lora.A), layer.lora.B[0]) * (2 / 2)
+    torch.testing.assert_close(y, expected)
+    m.eval()  # no dropout: y = W x + b + s B A x
+    torch.testing.assert_close(m(x), lin(x) + x @ layer.lora.delta().T)
+
+
+def test_scaling_rules():
+    assert LoRA(r=8, alpha=16).scaling == 2.0
+    assert LoRA(r=16, alpha=16, rslora=True).scaling == pytest.approx(16 / math.sqrt(16))
+
+
+@pytest.mark.parametrize(
+    "build,spec,error,match",
+    [
+        (Tiny, dict(r=0, targets=["qkv"]), ValueError, "r must be >= 1"),
+        (Tiny, dict(qkv=["q", "x"], targets=["qkv"]), ValueError, r"subset of \['q', 'k', 'v'\]"),
+        (Tiny, dict(targets=["nothing_here"]), ValueError, "matched no module. Some candidates"),
+        (Tiny, dict(targets=["mha.out_proj"]), ValueError, "never calls its forward.*Target 'mha' instead"),
+        (Tiny, dict(qkv=["q"], targets=["conv"]), TypeError, "needs a fused qkv Linear"),
+        (Tiny, dict(dora=True, targets=["emb"]), TypeError, "DoRA is not supported on 'emb'"),
+        (Tiny, dict(dora=True, targets=["mha"]), TypeError, "supports neither DoRA nor adapter dropout"),
+        (lambda: nn.Sequential(nn.LayerNorm(4)), dict(targets=["0"]), TypeError, "cannot adapt '0' of type LayerNorm"),
+        (lambda: nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), dict(targets=["0"]), TypeError, "grouped conv"),
+    ],
+)
+def test_bad_input_fails_clearly(build, spec, error, match):
+    with pytest.raises(error, match=match):
+        inject(build(), LoRA(**spec))
+
+
+def test_mha_out_proj_is_covered_when_its_attention_is_selected():
+    m = Tiny()
+    inject(m, LoRA(r=2, targets=[r"mha.*"]))  # matches mha and mha.out_proj: one adapter, on mha
+    assert [n for n, _ in adapter_layers(m)] == ["mha"]
+
+
+def test_export_refuses_what_peft_cannot_reproduce(tmp_path):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2), nn.Linear(4, 4))
+    inject(m, LoRA(r=2, targets=["0"]))
+    with pytest.raises(ValueError, match="ignores dilation"):
+        export_peft(m, tmp_path)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    inject(m, LoRA(r=2, targets=["0"]))
+    inject(m, LoRA(r=2, dora=True, targets=["1"]))
+    with pytest.raises(ValueError, match="mixes DoRA and plain LoRA"):
+        export_peft(m, tmp_path)
