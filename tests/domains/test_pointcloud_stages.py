@@ -1,0 +1,105 @@
+"""pretrain -> MCFT from the YAML files, the cached foundation model, predict outputs, the YAML
+variants and the notebook."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from domains.pointcloud import pretrain
+from suite.cli import main as cli_main
+from suite.stages import run_stages
+from tests.domains.test_pointcloud_model import TINY, TINY_DATA, tiny_model
+from tests.notebooks import cell_outputs, run_notebook
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = ["semi", "pruned", "full", "linear", "lora", "prompt"]
+QUIET = {"max_epochs": 1, "limit_train_batches": 2, "enable_model_summary": False, "log_every_n_steps": 1}
+
+
+def _write(path: Path, cfg: dict) -> str:
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _tiny_configs(tmp_path: Path) -> tuple[str, str]:
+    """Overrides that shrink domains/pointcloud/pretrain.yaml and domains/pointcloud.yaml."""
+    pre = {"trainer": QUIET | {"limit_val_batches": 1}, "model": {"init_args": {"encoder": TINY}},
+           "data": {"init_args": TINY_DATA}}
+    ft = {"trainer": QUIET | {"max_epochs": 2}, "model": {"init_args": {"encoder": TINY, "num_classes": 3}},
+          "data": {"init_args": TINY_DATA}}
+    return _write(tmp_path / "tiny-pre.yaml", pre), _write(tmp_path / "tiny-ft.yaml", ft)
+
+
+@pytest.fixture
+def data_dir(tmp_path_factory, monkeypatch):
+    path = tmp_path_factory.getbasetemp() / "pointcloud-data"
+    monkeypatch.setenv("SUITE_DATA_DIR", str(path))
+    return path
+
+
+def test_yaml_encoders_agree_and_variants_parse(capsys):
+    pre = yaml.safe_load((ROOT / "domains/pointcloud/pretrain.yaml").read_text())
+    ft = yaml.safe_load((ROOT / "domains/pointcloud.yaml").read_text())
+    assert pre["model"]["init_args"]["encoder"] == ft["model"]["init_args"]["encoder"]
+    assert pre["data"]["init_args"]["num_points"] == ft["data"]["init_args"]["num_points"]
+    for name in VARIANTS:  # every baseline / variant is a valid composition for the CLI
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", str(ROOT / "domains/pointcloud.yaml"), "--config", str(ROOT / f"domains/pointcloud/{name}.yaml"), "--print_config"])
+        assert exit_info.value.code in (0, None), name
+    printed = capsys.readouterr().out
+    assert "prune_blocks: 2" in printed and "unlabelled: 100" in printed and "suite.adapters.LoRA" in printed
+
+
+def test_foundation_is_pretrained_once_and_reused(tmp_path, data_dir, monkeypatch):
+    spec = yaml.safe_load(pretrain.PRETRAIN_YAML.read_text())
+    spec["trainer"] |= QUIET | {"limit_val_batches": 0}
+    spec["data"]["init_args"] |= TINY_DATA
+    monkeypatch.setattr(pretrain, "PRETRAIN_YAML", Path(_write(tmp_path / "pretrain.yaml", spec)))
+    torch.manual_seed(123)
+    first = tiny_model(init_from="foundation", train_blocks=1)
+    after_pretraining = torch.rand(3)
+    folders = list((data_dir / "generated" / "pointcloud").glob("foundation-*"))
+    assert len(folders) == 1 and (folders[0] / "checkpoints" / "last.ckpt").is_file()
+    calls = []
+    monkeypatch.setattr("suite.cli.main", lambda *a, **k: calls.append(a))
+    torch.manual_seed(123)
+    second = tiny_model(init_from="foundation", train_blocks=1)
+    assert calls == []  # found in the cache
+    assert torch.equal(torch.rand(3), after_pretraining)  # pretraining left the global RNG as it was
+    assert torch.equal(first.backbone.encoder.first_conv[0].weight, second.backbone.encoder.first_conv[0].weight)
+    pre_state = torch.load(folders[0] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(second.backbone.blocks.blocks[0].attn.qkv.weight, pre_state["backbone.blocks.blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.slow
+def test_pretrain_then_mcft_stages_predict_and_notebook(tmp_path, data_dir):
+    tiny_pre, tiny_ft = _tiny_configs(tmp_path)
+    runs = tmp_path / "runs"
+    spec = {"root": str(runs), "stages": [
+        {"name": "pretrain", "configs": [str(ROOT / "domains/pointcloud/pretrain.yaml"), tiny_pre]},
+        {"name": "mcft", "configs": [str(ROOT / "domains/pointcloud.yaml"), tiny_ft], "init_from": "pretrain", "test": True},
+    ]}
+    results = run_stages(_write(tmp_path / "stages.yaml", spec))
+    assert 0.0 <= results["mcft"]["test"]["test/acc"] <= 1.0
+    pre = torch.load(runs / "pretrain" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    ft = torch.load(runs / "mcft" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ft["hyper_parameters"]["init_from"].endswith("pretrain/checkpoints/last.ckpt")
+    assert "backbone.blocks.blocks.0.attn.qkv.weight" in pre and "backbone.blocks.blocks.0.attn.qkv.weight" not in ft["state_dict"]
+
+    cli_main(["predict", "--config", str(ROOT / "domains/pointcloud.yaml"), "--config", tiny_ft,
+              "--model.init_args.init_from", str(runs / "pretrain" / "checkpoints" / "last.ckpt"),
+              "--trainer.default_root_dir", str(runs / "mcft"), "--ckpt_path", str(runs / "mcft" / "checkpoints" / "last.ckpt")])
+    rows = list(csv.DictReader(open(runs / "mcft" / "predictions" / "predictions.csv")))
+    assert len(rows) == TINY_DATA["n_way"] * TINY_DATA["n_query"]
+    assert {r["pred_name"] for r in rows} <= {r["label_name"] for r in rows}  # the episode's classes
+    assert all(0 <= float(r["confidence"]) <= 1 for r in rows)
+    assert (runs / "mcft" / "predictions" / "predictions.png").stat().st_size > 10_000
+
+    nb = run_notebook("pointcloud.ipynb", env={"POINTCLOUD_RUN": str(runs / "mcft")})
+    out = cell_outputs(nb)
+    assert "val/acc" in out and "query accuracy" in out
