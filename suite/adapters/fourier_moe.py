@@ -25,12 +25,14 @@ redundant ones) and ``X[v] = sum_q x_q exp(+2 pi i v q / N) = conj(rfft(x))[v]``
     (dW_e x)[p] = scale / (M N) * Re sum_{(u, v) in P_e} w c_uv exp(2 pi i u p / M) X[v]
                 = scale / N * Re ifft_M(Z_e)[p],   Z_e[u] = sum_v w c_uv X[v]
 
-so a token costs one length-N rfft, a gather of ``E * cols`` frequencies, a batched complex
-``(cols -> rows)`` product per expert (``E * rows * cols`` complex MACs), a scatter into ``M``
-bins and one length-M ifft: ``O(N log N + E rows cols + M log M)`` instead of ``E * M * N`` for
-building and applying E dense ``dW_e`` (the ``impl="dense"`` reference path, used by the tests
-and the benchmark to measure the choice). The sub-grid layout is what makes the middle step a
-dense batched product instead of a scatter over arbitrary positions. All FFTs run in fp32.
+so a token costs one length-N rfft, a gather of ``E * cols`` frequencies, one batched real
+``(2 cols -> 2 rows)`` product per expert (the complex product with every constant folded in,
+see :meth:`FourierMoELinear.spectral_core`), a scatter into the half spectrum (rows ``u > M/2``
+move to ``M - u`` by conjugation) and one length-M irfft: ``O(N log N + E rows cols + M log M)``
+instead of ``E * M * N`` for building and applying E dense ``dW_e`` (the ``impl="dense"``
+reference path, used by the tests and the benchmark to measure the choice). The sub-grid layout
+is what makes the middle step a dense batched product instead of a scatter over arbitrary
+positions. All FFTs run in fp32.
 
 Routing (Switch Transformer, Fedus et al., arXiv 2101.03961): ``p = softmax(R x)``, the top-k
 experts get gate ``p_e`` (not renormalised, so k=1 still trains the router), the others 0. The
@@ -161,22 +163,46 @@ class FourierMoELinear(AdapterLayer):
         self._aux = self.spec.experts * (share * probs.mean(0)).sum()
         return gates
 
+    def spectral_core(self) -> torch.Tensor:
+        """``(E, 2*cols, 2*rows)`` real matrices taking each expert's gathered ``rfft(x)`` bins
+        (interleaved re/im) to its half-spectrum output bins (interleaved re/im).
+
+        Folds in, per bin: the weight ``w``, ``scale / N``, the conjugation that turns ``rfft``'s
+        ``exp(-i..)`` into ``X = sum x exp(+i..)``, and, for rows ``u > M/2``, the conjugation that
+        moves the bin to ``M - u`` (``Re(z w^u) = Re(conj(z) w^(M-u))``) with the 1/2 that
+        ``irfft`` doubles back for rows strictly inside ``(0, M/2)``.
+        """
+        M, N = self.base_layer.weight.shape
+        u = self.row_idx
+        folded = torch.minimum(u, M - u)
+        half = torch.where((folded == 0) | (2 * folded == M), 1.0, 0.5)  # (E, rows)
+        flip = torch.where(2 * u > M, -1.0, 1.0)[:, None, :]  # (E, 1, rows)
+        f = self.bin_weight * half[:, :, None] * (self.spec.scale / N)
+        fa = (self.coefficients[..., 0] * f).transpose(1, 2)  # (E, cols, rows)
+        fb = (self.coefficients[..., 1] * self.imag_mask * f).transpose(1, 2)
+        # input (re, im) of rfft(x) = (Re X, -Im X); output (Re Z, flip * Im Z) with Z = c X
+        k = torch.stack([torch.stack([fa, flip * fb], -1), torch.stack([fb, -flip * fa], -1)], 2)
+        return k.reshape(k.shape[0], 2 * k.shape[1], -1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.merged:
             return out
         M, N = self.base_layer.weight.shape
+        E, rows, cols = self.coefficients.shape[:3]
         xf = x.reshape(-1, N).float()
+        T = xf.shape[0]
         gates = self.route(xf)
         if self.impl == "dense":
             delta = torch.einsum("te,tem->tm", gates, torch.einsum("tn,emn->tem", xf, self.expert_deltas()))
         else:
-            X = torch.fft.rfft(xf, dim=-1).conj()  # X[v] = sum_q x_q exp(+2 pi i v q / N)
-            Xg = X[:, self.col_idx] * gates[:, :, None]  # (T, E, cols)
-            coef = self.complex_coefficients() * self.bin_weight
-            Zp = torch.einsum("tec,erc->ter", Xg, coef)  # (T, E, rows)
-            Z = Zp.new_zeros(xf.shape[0], M).index_add_(1, self.row_idx.flatten(), Zp.flatten(1))
-            delta = torch.fft.ifft(Z, dim=-1).real * (self.spec.scale / N)
+            X = torch.fft.rfft(xf, dim=-1)  # (T, N//2 + 1)
+            Xg = torch.view_as_real(X[:, self.col_idx.flatten()]).reshape(T, E, 2 * cols) * gates[:, :, None]
+            Z = torch.bmm(Xg.transpose(0, 1), self.spectral_core())  # (E, T, 2 rows)
+            Z = Z.transpose(0, 1).reshape(T, E * rows, 2)
+            folded = torch.minimum(self.row_idx, M - self.row_idx).flatten()
+            Zh = Z.new_zeros(T, M // 2 + 1, 2).index_add_(1, folded, Z)
+            delta = torch.fft.irfft(torch.view_as_complex(Zh), n=M, dim=-1)
         return out + delta.view(*out.shape).to(out.dtype)
 
     def extra_repr(self) -> str:

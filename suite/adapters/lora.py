@@ -284,6 +284,52 @@ class LoRALayer(AdapterLayer):
         return f"{super().extra_repr()}, r={self.spec.r}, scaling={self.lora.scaling:.4g}, dora={self.spec.dora}"
 
 
+class _FusedLoRALinear(torch.autograd.Function):
+    """``y = x W^T + b + s (x A^T) B^T`` accumulated in place, with a hand-written backward.
+
+    Autograd on the plain expression materialises ``s * (h B^T)`` and the sum (two extra passes
+    over the ``tokens x d_out`` output) and, in backward, the scaled output gradient and the sum of
+    the two input gradients. Here the adapter product is added into the base output buffer
+    (``addmm_``), ``s`` is applied to the small ``tokens x r`` tensors, and ``dx = dy W + dh A`` is
+    accumulated in place. Same saved tensors as autograd (``x``, ``h``); gradients only for inputs
+    that need them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W, b, A, B, s):  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ A.T
+        y = torch.addmm(b, x2, W.T) if b is not None else x2 @ W.T
+        y.addmm_(h, B.T, alpha=s)
+        ctx.save_for_backward(x2, h, W, A, B)
+        ctx.s, ctx.x_shape = s, x.shape
+        return y.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x2, h, W, A, B = ctx.saved_tensors
+        s, need = ctx.s, ctx.needs_input_grad
+        g = gy.reshape(-1, gy.shape[-1])
+        gh = (g @ B).mul_(s) if need[0] or need[3] else None
+        gx = gW = gb = gA = gB = None
+        if need[0]:
+            gx = (g @ W).addmm_(gh, A).view(ctx.x_shape)
+        if need[1]:
+            gW = g.T @ x2
+        if need[2]:
+            gb = g.sum(0)
+        if need[3]:
+            gA = gh.T @ x2
+        if need[4]:
+            gB = (g.T @ h).mul_(s)
+        return gx, gW, gb, gA, gB, None
+
+
+def _plain(*tensors: torch.Tensor | None) -> bool:
+    """True for ordinary dense tensors (not DTensor shards or other subclasses)."""
+    return all(t is None or type(t.data) is torch.Tensor for t in tensors)
+
+
 class LoRALinear(LoRALayer):
     """LoRA on an ``nn.Linear`` (``y = W x + b + s B A dropout(x)``), optionally on q/k/v slices."""
 
@@ -293,10 +339,20 @@ class LoRALinear(LoRALayer):
         super().__init__(base_layer, spec, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
+            return self.base_layer(x)
         B, A = self.lora.factors()
+        W, b = self.base_layer.weight, self.base_layer.bias
+        fused = (
+            not self.spec.dora
+            and (isinstance(self.dropout, nn.Identity) or not self.training)
+            and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype == W.dtype == A.dtype
+            and _plain(x, W, b, A, B)
+        )
+        if fused:
+            return _FusedLoRALinear.apply(x, W, b, A, B, self.lora.scaling)
+        out = self.base_layer(x)
         dx = self.dropout(x)
         lora_out = F.linear(F.linear(dx, A), B) * self.lora.scaling
         if not self.spec.dora:
