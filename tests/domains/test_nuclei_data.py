@@ -1,0 +1,193 @@
+"""Nuclei data: PanNuke / CoNSeP readers on files written in exactly their formats, the generator,
+HoVer targets under augmentation, and the group split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.io import savemat
+
+from domains.nuclei.data import (
+    NucleiData,
+    dihedral,
+    hover_maps,
+    pannuke_maps,
+    read_consep,
+    read_pannuke_fold,
+    tile_image,
+)
+from domains.nuclei.synth import CLASS_NAMES, generate_pannuke
+
+
+def _write_pannuke_fold(root, n=3, size=32):
+    """The official zip layout: images/fold1/{images,types}.npy and masks/fold1/masks.npy, float64."""
+    images = np.random.default_rng(0).uniform(0, 255, (n, size, size, 3))
+    masks = np.zeros((n, size, size, 6))
+    # tile 0: id 3 in the inflammatory channel (1), id 3 again in the epithelial channel (4):
+    # PanNuke ids are per image but nothing stops two channels reusing one
+    masks[0, 2:6, 2:6, 1] = 3
+    masks[0, 10:14, 10:14, 4] = 3
+    masks[0, 20:25, 3:9, 0] = 7  # a neoplastic nucleus
+    masks[..., 5] = (masks[..., :5].sum(-1) == 0).astype(float)  # channel 5: background
+    (root / "images" / "fold1").mkdir(parents=True)
+    (root / "masks" / "fold1").mkdir(parents=True)
+    np.save(root / "images" / "fold1" / "images.npy", images)
+    np.save(root / "images" / "fold1" / "types.npy", np.array(["Breast", "Colon", "Breast"][:n]))
+    np.save(root / "masks" / "fold1" / "masks.npy", masks)
+    return images, masks
+
+
+def test_pannuke_reader_official_layout(tmp_path):
+    root = tmp_path / "Fold 1"
+    images, masks = _write_pannuke_fold(root)
+    fold = read_pannuke_fold(root)
+    assert len(fold) == 3 and list(fold.types) == ["Breast", "Colon", "Breast"]
+    np.testing.assert_array_equal(np.asarray(fold.images[1]), images[1])
+    inst, types = fold.maps(0)
+    # three distinct nuclei although two share id 3 in the file
+    assert len(np.unique(inst[inst > 0])) == 3
+    # channel semantics: 0 neoplastic -> 1, 1 inflammatory -> 2, 4 epithelial -> 5
+    assert np.all(types[20:25, 3:9] == 1) and CLASS_NAMES[0] == "neoplastic"
+    assert np.all(types[2:6, 2:6] == 2) and CLASS_NAMES[1] == "inflammatory"
+    assert np.all(types[10:14, 10:14] == 5) and CLASS_NAMES[4] == "epithelial"
+    assert np.array_equal(types == 0, masks[0, ..., 5] == 1)  # background channel agrees
+    assert fold.groups is None
+
+
+def test_pannuke_reader_rejects_wrong_channels(tmp_path):
+    root = tmp_path / "fold"
+    root.mkdir()
+    np.save(root / "images.npy", np.zeros((2, 8, 8, 3)))
+    np.save(root / "masks.npy", np.zeros((2, 8, 8, 5)))
+    np.save(root / "types.npy", np.array(["Breast", "Colon"]))
+    with pytest.raises(ValueError, match=r"masks\.npy.*\(N, H, W, 6\)"):
+        read_pannuke_fold(root)
+    (root / "masks.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="masks.npy"):
+        read_pannuke_fold(root)
+
+
+def test_pannuke_maps_later_channel_wins_like_pannuke():
+    mask = np.zeros((6, 6, 6))
+    mask[0:3, 0:3, 0] = 1  # neoplastic
+    mask[2:4, 2:4, 2] = 1  # connective, overlapping the neoplastic one at (2, 2)
+    inst, types = pannuke_maps(mask)
+    assert types[2, 2] == 3 and types[0, 0] == 1 and inst[2, 2] != inst[0, 0]
+
+
+def _write_consep(root, size=40):
+    from PIL import Image
+
+    (root / "Images").mkdir(parents=True)
+    (root / "Labels").mkdir()
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[..., :3] = np.random.default_rng(1).integers(0, 255, (size, size, 3))
+    rgba[..., 3] = 255  # CoNSeP's PNGs carry an alpha channel
+    Image.fromarray(rgba).save(root / "Images" / "train_1.png")
+    inst = np.zeros((size, size))
+    inst[2:8, 2:8] = 1  # type 2: inflammatory
+    inst[30:36, 30:38] = 2  # type 4: malignant epithelial -> neoplastic
+    inst[12:16, 20:30] = 3  # type 6: muscle -> connective
+    inst_type = np.array([[2.0], [4.0], [6.0]])
+    type_map = np.zeros((size, size))
+    for i, t in enumerate(inst_type[:, 0], start=1):
+        type_map[inst == i] = t
+    centroid = np.array([[4.5, 4.5], [33.5, 32.5], [24.5, 13.5]])  # (x, y) as HoVer-Net writes them
+    savemat(root / "Labels" / "train_1.mat", {"inst_map": inst, "type_map": type_map, "inst_type": inst_type,
+                                              "inst_centroid": centroid})
+    return rgba
+
+
+def test_consep_reader(tmp_path):
+    rgba = _write_consep(tmp_path / "Train")
+    (img,) = read_consep(tmp_path / "Train")
+    assert img.name == "train_1" and img.image.shape == (40, 40, 3)
+    np.testing.assert_array_equal(img.image, rgba[..., :3])
+    assert img.type_map[4, 4] == 2 and img.type_map[33, 33] == 1 and img.type_map[14, 25] == 3
+    assert set(np.unique(img.inst_map)) == {0, 1, 2, 3}
+    tiles = tile_image(img.image, img.inst_map, img.type_map, size=32)
+    assert len(tiles) == 4  # starts 0 and 8 in each direction cover 40 px
+    assert all(t[1].max() == len(np.unique(t[1])) - 1 for t in tiles)  # relabelled 1..n per tile
+
+
+def test_consep_reader_errors(tmp_path):
+    _write_consep(tmp_path / "Train")
+    savemat(tmp_path / "Train" / "Labels" / "train_1.mat", {"inst_map": np.zeros((40, 40))})
+    with pytest.raises(ValueError, match=r"train_1\.mat.*'type_map'"):
+        read_consep(tmp_path / "Train")
+    with pytest.raises(FileNotFoundError, match="Images"):
+        read_consep(tmp_path / "nowhere")
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    generate_pannuke(root, n_tiles=8, tiles_per_slide=4, size=256, seed=3)
+    return root
+
+
+def test_generator_is_seeded_and_in_pannuke_layout(generated, tmp_path):
+    fold = read_pannuke_fold(generated)
+    assert fold.images.shape == (8, 256, 256, 3) and fold.masks.shape == (8, 256, 256, 6)
+    assert list(fold.groups) == [0, 0, 0, 0, 1, 1, 1, 1]
+    m = np.asarray(fold.masks)
+    # every nucleus pixel in exactly one class channel, channel 5 = background
+    assert np.all((m[..., :5] > 0).sum(-1) == 1 - m[..., 5])
+    generate_pannuke(tmp_path, n_tiles=2, tiles_per_slide=4, size=256, seed=3)  # same tiles again
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), np.asarray(fold.images[:2]))
+
+
+def test_generator_morphology_and_stain_physics(generated):
+    from skimage.color import rgb2hed
+    from skimage.measure import regionprops
+
+    fold = read_pannuke_fold(generated)
+    area = {c: [] for c in range(1, 6)}
+    elong = {c: [] for c in range(1, 6)}
+    touching = 0
+    h_in, h_out = [], []
+    for i in range(len(fold)):
+        inst, types = fold.maps(i)
+        for r in regionprops(inst):
+            c = int(types[r.coords[0][0], r.coords[0][1]])
+            area[c].append(r.area)
+            elong[c].append(r.axis_major_length / max(r.axis_minor_length, 1))
+        # two different nuclei 4-adjacent: touching or overlapping nuclei exist
+        touching += int(np.sum((inst[:, 1:] != inst[:, :-1]) & (inst[:, 1:] > 0) & (inst[:, :-1] > 0)))
+        hed = rgb2hed(np.asarray(fold.images[i]))[..., 0]
+        h_in.append(hed[inst > 0].mean())
+        h_out.append(hed[inst == 0].mean())
+    med = {c: np.median(v) for c, v in area.items() if v}
+    assert med[2] < med[5] < med[1]  # inflammatory < epithelial < neoplastic
+    assert np.median(elong[3]) > 2.0 > np.median(elong[2])  # spindle fibroblasts, round lymphocytes
+    assert touching > 0
+    # Beer-Lambert + Ruifrok-Johnston: colour deconvolution finds haematoxylin in nuclei
+    assert np.mean(h_in) > np.mean(h_out) + 0.03
+
+
+def test_hover_maps_follow_dihedral_transforms():
+    inst = np.zeros((24, 24), np.int32)
+    inst[2:9, 3:15] = 1
+    inst[12:22, 5:11] = 2
+    inst[14:18, 11:20] = 3
+    types = (inst > 0).astype(np.int32)
+    hv = hover_maps(inst)
+    image = np.zeros((24, 24, 3), np.uint8)
+    for k in range(8):
+        i2, t2, hv2, _ = dihedral(k, inst, types, hv, image)
+        np.testing.assert_allclose(hv2, hover_maps(i2), atol=1e-5, err_msg=f"transform {k}")
+
+
+def test_datamodule_splits_by_slide(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUITE_DATA_DIR", str(tmp_path))
+    dm = NucleiData(n_tiles=12, tiles_per_slide=2, tile_size=64, batch_size=2,
+                    fractions={"train": 0.5, "val": 0.25, "test": 0.25})
+    dm.setup("fit")
+    assert (tmp_path / "generated" / "nuclei").is_dir()
+    fold = read_pannuke_fold(dm.generated_root())
+    slides = {n: {int(fold.groups[int(i.split(":")[1])]) for i in dm.splits[n].ids} for n in ("train", "val", "test")}
+    assert not (slides["train"] & slides["val"]) and not (slides["train"] & slides["test"])
+    assert set(dm.split_hashes) == {"train", "val", "test"} and len(set(dm.split_hashes.values())) == 3
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["hv"].shape == (2, 2, 64, 64)
+    assert batch["hv"].abs().max() <= 1.0 and set(batch["boundary"].unique().tolist()) <= {0.0, 1.0}
