@@ -36,7 +36,7 @@ class ParticleLoRALinear(LoRALinear):
 
 
 def rope(x: torch.Tensor, theta: float, offset: int = 0) -> torch.Tensor:
-    """Rotary position embedding (Su et al., arXiv 2104.09864) on (B, H, T, D) at positions offset.."""
+    """Rotary position embedding (Su et al., arXiv 2104.09864) on (B, H, T, D) at positions offset, offset + 1, ..."""
     d, t = x.shape[-1] // 2, x.shape[-2]
     freq = theta ** (-torch.arange(d, device=x.device, dtype=torch.float32) / d)
     ang = torch.arange(offset, offset + t, device=x.device, dtype=torch.float32)[:, None] * freq
