@@ -9,7 +9,8 @@ from its pretrained features) and adapters add inference cost. MCFT instead
 2. keeps an EMA teacher of the encoder, initialised from the pretrained weights with momentum
    ``momentum`` (m), and adds ``consistency_weight`` (lambda) * (1 - cos(student(view 1),
    stopgrad(teacher(view 2)))) to the cross-entropy, so the trained blocks stay close to
-   task-agnostic features;
+   task-agnostic features (features standardised per dimension with the batch's statistics
+   before the cosine; see ``compute_losses``);
 3. optionally (semi-supervised) applies the consistency to unlabelled clouds as well, with
    pseudo-labels from the teacher where its confidence exceeds ``pseudo_label_threshold``;
 4. optionally (pruning) drops the top ``prune_blocks`` (L) blocks before fine-tuning.
@@ -51,6 +52,14 @@ SCALE, SHIFT = (2.0 / 3.0, 3.0 / 2.0), 0.2
 JITTER = (0.01, 0.05)
 
 
+def linear_head(num_features: int, num_classes: int) -> nn.Sequential:
+    """A linear classifier on standardised features (BatchNorm without affine parameters), MAE's
+    linear-probe head: pretrained features here vary by ~1-5 % around a large common offset (the
+    MAE-pretrained class token barely varies at all), which a plain linear layer cannot use in
+    the tens of steps a few-shot run has."""
+    return nn.Sequential(nn.BatchNorm1d(num_features, affine=False), nn.Linear(num_features, num_classes))
+
+
 class PointCloudClassifier(AdaptedModule):
     """Point encoder + linear head, fine-tuned by MCFT or by one of the baselines.
 
@@ -67,6 +76,9 @@ class PointCloudClassifier(AdaptedModule):
         prune_blocks: L, top blocks removed before fine-tuning.
         pseudo_label_threshold: semi-supervised only: teacher confidence above which an
             unlabelled cloud also gets a cross-entropy term on its pseudo-label (None: off).
+        head_lr: learning rate of the (randomly initialised) head and prompt tokens; the encoder
+            uses the optimizer's. Few-shot runs are tens of steps, too few for a new head at an
+            encoder learning rate. None: one learning rate for everything.
         aug_seed: seeds the per-step augmentations, so a resumed run repeats an uninterrupted one.
     """
 
@@ -80,6 +92,7 @@ class PointCloudClassifier(AdaptedModule):
         consistency_weight: float = 1.0,
         prune_blocks: int = 0,
         pseudo_label_threshold: float | None = None,
+        head_lr: float | None = None,
         aug_seed: int = 0,
         adapter: AdapterSpec | None = None,
         **kwargs: Any,
@@ -91,9 +104,10 @@ class PointCloudClassifier(AdaptedModule):
             raise ValueError(f"pseudo_label_threshold must be in (0, 1) or null, got {pseudo_label_threshold}")
         self.num_classes, self.train_blocks, self.momentum = num_classes, train_blocks, momentum
         self.consistency_weight, self.pseudo_label_threshold, self.aug_seed = consistency_weight, pseudo_label_threshold, aug_seed
+        self.head_lr = head_lr
         with self.seeded():
             self.backbone = PointEncoder(cfg)
-            self.head = nn.Linear(self.backbone.num_features, num_classes)
+            self.head = linear_head(self.backbone.num_features, num_classes)
         self.load_report = self._load_pretrained(init_from, cfg) if init_from else None
         self.backbone.prune(prune_blocks)
         self.adapt()  # injects `adapter` if any; freezes the rest of the backbone
@@ -142,10 +156,23 @@ class PointCloudClassifier(AdaptedModule):
             return "linear probe"
         return f"MCFT (top {self.train_blocks} blocks, lambda {self.consistency_weight}, m {self.momentum})"
 
+    def configure_optimizers(self) -> Any:
+        if self.head_lr is None:
+            return super().configure_optimizers()
+        fresh = list(self.head.parameters()) + ([self.backbone.prompt_tokens] if self.backbone.cfg.num_prompts else [])
+        ids = {id(p) for p in fresh}
+        rest = [p for p in self.trainable_parameters() if id(p) not in ids]
+        groups = ([{"params": rest}] if rest else []) + [{"params": fresh, "lr": self.head_lr}]
+        optimizer = self.optimizer_factory(groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
     def train(self, mode: bool = True) -> "PointCloudClassifier":
         super().train(mode)
         for m in self.modules():  # frozen BatchNorms keep their pretrained statistics
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            params = list(m.parameters())
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
                 m.eval()
         return self
 
@@ -178,30 +205,44 @@ class PointCloudClassifier(AdaptedModule):
             return {"loss": F.cross_entropy(self(labelled["points"]), labelled["label"])}
         g = torch.Generator().manual_seed(self.aug_seed * 1_000_003 + int(self.global_step))
         feats = self.backbone(self.augment(labelled["points"], g))
-        losses = {"ce": F.cross_entropy(self.head(feats), labelled["label"])}
+        n_lab, clouds = len(feats), labelled["points"]
+        if unlabelled is not None and self.consistency_weight > 0:
+            feats = torch.cat([feats, self.backbone(self.augment(unlabelled["points"], g))])
+            clouds = torch.cat([clouds, unlabelled["points"]])
+        logits = self.head(feats)  # one batch through the head's BatchNorm
+        losses = {"ce": F.cross_entropy(logits[:n_lab], labelled["label"])}
         loss = losses["ce"]
         if self.consistency_weight > 0:
             teacher = getattr(self, "ema_teacher", None)
             if teacher is None:
                 raise RuntimeError("consistency_weight > 0 needs the EMATeacher callback (added by configure_callbacks when fitting)")
-            clouds = labelled["points"]
-            if unlabelled is not None:
-                feats = torch.cat([feats, self.backbone(self.augment(unlabelled["points"], g))])
-                clouds = torch.cat([clouds, unlabelled["points"]])
             with torch.no_grad():
                 target = teacher(self.augment(clouds, g))
-            losses["consistency"] = (1 - F.cosine_similarity(feats, target, dim=-1)).mean()
+            # compared after standardising both with the student batch's statistics (as the head sees
+            # them): raw features share a large common offset, which makes the raw cosine ~0.999
+            # whatever the clouds, and the constraint toothless
+            mu, sigma = feats.detach().mean(0), feats.detach().std(0) + 1e-6
+            losses["consistency"] = (1 - F.cosine_similarity((feats - mu) / sigma, (target - mu) / sigma, dim=-1)).mean()
             loss = loss + self.consistency_weight * losses["consistency"]
-            if unlabelled is not None and self.pseudo_label_threshold is not None:
-                n_lab = len(labelled["points"])
-                conf, pseudo = self.head(target[n_lab:]).softmax(-1).max(-1)
+            if len(feats) > n_lab and self.pseudo_label_threshold is not None:
+                conf, pseudo = self._predict_frozen_head(target[n_lab:]).softmax(-1).max(-1)
                 keep = conf >= self.pseudo_label_threshold
                 losses["pseudo_frac"] = keep.float().mean()
                 if keep.any():
-                    losses["pseudo_ce"] = F.cross_entropy(self.head(feats[n_lab:][keep]), pseudo[keep])
+                    losses["pseudo_ce"] = F.cross_entropy(logits[n_lab:][keep], pseudo[keep])
                     loss = loss + losses["pseudo_ce"]
         losses["loss"] = loss
         return losses
+
+    @torch.no_grad()
+    def _predict_frozen_head(self, feats: Tensor) -> Tensor:
+        """The head in eval mode (running statistics, nothing updated): pseudo-labels for the teacher."""
+        mode = self.head.training
+        self.head.eval()
+        try:
+            return self.head(feats)
+        finally:
+            self.head.train(mode)
 
     # --- evaluation and prediction -------------------------------------------------------------------
     def _evaluate(self, batch: dict[str, Tensor], split: str, metric: MulticlassAccuracy) -> None:

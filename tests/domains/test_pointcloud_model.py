@@ -12,7 +12,7 @@ from scipy.spatial import cKDTree
 from torch.utils.flop_counter import FlopCounterMode
 
 from domains.pointcloud.data import PointCloudData
-from domains.pointcloud.model import PointCloudClassifier
+from domains.pointcloud.model import PointCloudClassifier, linear_head
 from domains.pointcloud.pretrain import PointMAEPretrain, chamfer_distance, random_patch_mask
 from suite.adapters import LoRA, adapter_layers
 from suite.backbones.point import PointEncoder, PointEncoderConfig, farthest_point_sample, knn_indices, load_point_mae
@@ -201,12 +201,20 @@ def test_train_blocks_selects_the_top_k_blocks():
     full = tiny_model(train_blocks=-1, consistency_weight=0)
     assert all(p.requires_grad for p in full.parameters())
     probe = tiny_model(train_blocks=0, consistency_weight=0)
-    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    assert {n for n, p in probe.named_parameters() if p.requires_grad} == {"head.1.weight", "head.1.bias"}
     lora = tiny_model(train_blocks=0, consistency_weight=0, adapter=LoRA(r=4, targets=["qkv", "proj", "fc1", "fc2"]))
     owned = {f"{name}.{k}" for name, layer in adapter_layers(lora) for k in layer.adapter_params()}
-    assert owned and {n for n, p in lora.named_parameters() if p.requires_grad} == owned | {"head.weight", "head.bias"}
+    assert owned and {n for n, p in lora.named_parameters() if p.requires_grad} == owned | {"head.1.weight", "head.1.bias"}
     with pytest.raises(ValueError, match="train_blocks"):
         tiny_model(train_blocks=5)
+
+
+def test_head_learning_rate_has_its_own_group():
+    model = tiny_model(train_blocks=1, head_lr=0.01, optimizer=lambda p: torch.optim.AdamW(p, lr=5e-4))
+    encoder_group, head_group = model.configure_optimizers().param_groups
+    assert encoder_group["lr"] == 5e-4 and head_group["lr"] == 0.01
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in model.head.parameters()}
+    assert len(encoder_group["params"]) + len(head_group["params"]) == len(model.trainable_parameters())
 
 
 def test_frozen_batchnorm_keeps_its_statistics():
@@ -227,7 +235,7 @@ def _flops(model, pts) -> int:
 
 
 def test_mcft_adds_nothing_at_inference(tmp_path, data_dir):
-    plain = torch.nn.Sequential(PointEncoder(PointEncoderConfig.coerce(TINY)), torch.nn.Linear(128, 3))
+    plain = torch.nn.Sequential(PointEncoder(PointEncoderConfig.coerce(TINY)), linear_head(128, 3))
     mcft = tiny_model(train_blocks=1)
     dm = PointCloudData(**TINY_DATA)
     tiny_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(mcft, dm)
@@ -256,13 +264,14 @@ def test_losses_supervised_and_semi_supervised():
     with pytest.raises(RuntimeError, match="EMATeacher"):
         model.compute_losses(lab)
     EMATeacher(momentum=0.9).on_fit_start(tiny_trainer("."), model)
-    sup = model.compute_losses(lab)
+    sup = {k: v.detach() for k, v in model.compute_losses(lab).items()}
     assert set(sup) == {"ce", "consistency", "loss"}
-    assert float(sup["loss"].detach()) == pytest.approx(float((sup["ce"] + sup["consistency"]).detach()), rel=1e-6)
+    assert float(sup["loss"]) == pytest.approx(float(sup["ce"] + sup["consistency"]), rel=1e-6)
     assert 0 < float(sup["consistency"]) < 2  # 1 - cos of two augmented views
     semi = model.compute_losses({"labelled": lab, "unlabelled": unl})
-    assert float(semi["pseudo_frac"]) == 1.0  # 3 classes: the top probability is >= 1/3 > 0.2
-    assert float(semi["loss"]) == pytest.approx(float(semi["ce"] + semi["consistency"] + semi["pseudo_ce"]), rel=1e-6)
+    values = {k: float(v.detach()) for k, v in semi.items()}
+    assert values["pseudo_frac"] == 1.0  # 3 classes: the top probability is >= 1/3 > 0.2
+    assert values["loss"] == pytest.approx(values["ce"] + values["consistency"] + values["pseudo_ce"], rel=1e-6)
     semi["loss"].backward()
     assert all(p.grad is None for p in model.ema_teacher.parameters())  # stop-gradient on the teacher
     assert model.backbone.blocks.blocks[2].attn.qkv.weight.grad is not None
@@ -275,7 +284,7 @@ def test_consistency_is_zero_for_identical_views():
     model.ema_teacher.train(False)
     model.backbone.eval()  # the same (eval-mode) BatchNorms in both encoders
     out = model.compute_losses({"points": torch.rand(3, 256, 3), "label": torch.tensor([0, 1, 2])})
-    assert float(out["consistency"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(out["consistency"].detach()) == pytest.approx(0.0, abs=1e-6)
 
 
 # --- checkpoints: test --ckpt_path rebuilds, resume restores the teacher ------------------------------

@@ -1,0 +1,178 @@
+"""Few-shot point-cloud classification: MCFT and its variants against the usual baselines.
+
+    python benchmarks/pointcloud.py [--settings 5w10s 5w20s 10w10s 10w20s] [--episodes 10]
+                                    [--steps 30] [--out benchmarks/results/pointcloud.md]
+
+Every row is a YAML composition of domains/pointcloud.yaml (MCFT) with one file of
+domains/pointcloud/ (semi, pruned, full, linear, lora, prompt), all starting from the same cached
+foundation encoder (Point-MAE pretraining, domains/pointcloud/pretrain.yaml; built first if
+absent). For each setting (N-way K-shot) and each of the seeded episodes, every method trains for
+the same number of optimiser steps (batch 16; MCFT-semi adds 16 unlabelled clouds per step) and
+is scored on the episode's query set (20 test clouds per class, never used for selection: the
+weights after the last step are scored). Accuracy is mean +- std over episodes; the episodes are
+shared by all methods, so differences are also given per episode (paired).
+
+Beside each method: trainable parameters, parameters at inference, FLOPs per cloud (exact, from
+torch's FlopCounterMode) and measured inference latency (batch of 32, median of 5 runs; noisy on
+a shared machine, the FLOPs are not). LoRA is measured unmerged, as trained; merged it costs what
+the base model costs.
+
+Budget: the defaults (4 settings x 10 episodes x 6 methods = 240 fits of 30 steps) are sized for
+~45 min on 2 busy CPU cores, one intra-op thread (faster than two on a shared machine);
+--settings / --episodes / --steps shrink it alike for every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from domains.pointcloud.data import FEW_SHOT_SETTINGS, PointCloudData  # noqa: E402
+from domains.pointcloud.model import PointCloudClassifier  # noqa: E402
+
+#: row name -> the file composed after domains/pointcloud.yaml (None: MCFT itself)
+METHODS: dict[str, str | None] = {
+    "MCFT": None,
+    "MCFT-semi": "semi",
+    "MCFT-pruned": "pruned",
+    "full fine-tuning": "full",
+    "linear probe": "linear",
+    "LoRA": "lora",
+    "prompt tuning": "prompt",
+}
+BASELINES = ("full fine-tuning", "linear probe", "LoRA", "prompt tuning")
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and "class_path" not in v else copy.deepcopy(v)
+    return out
+
+
+def method_config(variant: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model init_args, data init_args) of domains/pointcloud.yaml composed with a variant file."""
+    cfg = yaml.safe_load((ROOT / "domains/pointcloud.yaml").read_text())
+    if variant:
+        cfg = _merge(cfg, yaml.safe_load((ROOT / f"domains/pointcloud/{variant}.yaml").read_text()))
+    model, data = dict(cfg["model"]["init_args"]), dict(cfg["data"]["init_args"])
+    opt = model.pop("optimizer")
+    opt_cls = getattr(torch.optim, opt["class_path"].rsplit(".", 1)[1])
+    model["optimizer"] = lambda params, _c=opt_cls, _a=opt.get("init_args", {}): _c(params, **_a)
+    return model, data
+
+
+def fit_episode(variant: str | None, setting: str, episode: int, steps: int, root: Path) -> tuple[float, PointCloudClassifier]:
+    n_way, k_shot = FEW_SHOT_SETTINGS[setting]
+    model_args, data_args = method_config(variant)
+    data_args |= {"n_way": n_way, "k_shot": k_shot, "episode": episode, "n_val": 0}
+    L.seed_everything(episode, verbose=False)  # adapter initialisation and loader workers
+    model = PointCloudClassifier(**(model_args | {"num_classes": n_way}))
+    trainer = L.Trainer(
+        max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root, accelerator="cpu",
+    )
+    dm = PointCloudData(**data_args)
+    trainer.fit(model, dm)
+    acc = trainer.test(model, dm, verbose=False)[0]["test/acc"]
+    return float(acc), model
+
+
+def inference_cost(model: PointCloudClassifier, n_points: int) -> tuple[int, float, float]:
+    """(parameters, GFLOPs per cloud, median ms per cloud) of the deployed model, batch 32."""
+    model.eval()
+    pts = torch.rand(32, n_points, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            model(pts)
+        model(pts)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            model(pts)
+            times.append(time.perf_counter() - t)
+    return sum(p.numel() for p in model.parameters()), fc.get_total_flops() / 32 / 1e9, 1e3 * statistics.median(times) / 32
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", nargs="+", default=list(FEW_SHOT_SETTINGS), choices=list(FEW_SHOT_SETTINGS))
+    ap.add_argument("--episodes", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "prompt tuning"], choices=list(METHODS))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    root = Path(os.environ.get("TMPDIR", "/tmp")) / "pointcloud-bench"
+    acc: dict[str, dict[str, list[float]]] = {m: {s: [] for s in args.settings} for m in args.methods}
+    cost: dict[str, tuple] = {}
+    for setting in args.settings:
+        for episode in range(args.episodes):
+            for method in args.methods:
+                t = time.time()
+                a, model = fit_episode(METHODS[method], setting, episode, args.steps, root)
+                acc[method][setting].append(a)
+                if method not in cost:
+                    cost[method] = (model.report.trainable, *inference_cost(model, method_config(None)[1]["num_points"]))
+                print(f"[{time.time() - start:7.0f}s] {setting} ep{episode} {method}: acc {a:.3f} ({time.time() - t:.1f}s)", file=sys.stderr, flush=True)
+    report = render(acc, cost, args, time.time() - start)
+    print(report)
+    if args.out:
+        args.out.write_text(report)
+
+
+def _ms(values: list[float]) -> str:
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
+
+
+def render(acc: dict, cost: dict, args: argparse.Namespace, seconds: float) -> str:
+    settings = args.settings
+    lines = [
+        "# Few-shot point-cloud classification: MCFT vs baselines", "",
+        f"`python benchmarks/pointcloud.py --settings {' '.join(settings)} --episodes {args.episodes} --steps {args.steps}`",
+        f"({datetime.date.today().isoformat()}, {seconds / 60:.1f} min on this machine, torch threads {args.threads})", "",
+        f"Query accuracy (%), mean ± std over {args.episodes} seeded episodes; every method {args.steps} optimiser steps "
+        "from the same pretrained encoder (procedural ModelNet-like corpus, 256 points).", "",
+        "| method | trainable params | params at inference | GFLOPs / cloud | latency ms / cloud | " + " | ".join(settings) + " |",
+        "|---|---|---|---|---|" + "---|" * len(settings),
+    ]
+    for m in acc:
+        trainable, total, gflops, ms = cost[m]
+        lines.append(f"| {m} | {trainable:,} | {total:,} | {gflops:.3f} | {ms:.2f} | " + " | ".join(_ms(acc[m][s]) for s in settings) + " |")
+    baselines = [b for b in BASELINES if b in acc]
+    lines += ["", "Gain over the best baseline of each setting (by mean; paired per-episode difference, percentage points):", "",
+              "| method | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]
+    for m in [m for m in acc if m.startswith("MCFT")]:
+        cells = []
+        for s in settings:
+            best = max(baselines, key=lambda b: np.mean(acc[b][s])) if baselines else None
+            if best is None:
+                cells.append("n/a")
+                continue
+            diff = np.array(acc[m][s]) - np.array(acc[best][s])
+            cells.append(f"{100 * diff.mean():+.1f} ± {100 * diff.std():.1f} (vs {best})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
