@@ -167,6 +167,13 @@ class AdapterLayer(nn.Module):
         return f"method={self.spec.method}, merged={self.merged}"
 
 
+def require_linear(spec: AdapterSpec, name: str, layer: nn.Module) -> nn.Linear:
+    """``layer`` if it is an ``nn.Linear``, else a clear error for methods that adapt Linear layers only."""
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"{type(spec).__name__} adapts nn.Linear only; {name!r} is {type(layer).__name__}. Narrow `targets`.")
+    return layer
+
+
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """(name, layer) for every adapter layer in ``model``, outermost first."""
     for name, module in model.named_modules():

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, require_linear
 from .lora import LoRA, LoRALinear
 
 
@@ -97,9 +97,7 @@ class CGLoRA(LoRA):
             raise ValueError(f"CGLoRA.factor_tokens must be >= 1 or None, got {self.factor_tokens}")
 
     def wrap(self, name: str, layer: nn.Module) -> AdapterLayer:
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"CGLoRA adapts nn.Linear only; {name!r} is {type(layer).__name__}. Narrow `targets`.")
-        return CGLoRALinear(layer, self, name)
+        return CGLoRALinear(require_linear(self, name, layer), self, name)
 
 
 class CGLoRALinear(LoRALinear):
@@ -152,14 +150,16 @@ class CGLoRALinear(LoRALinear):
                 continue
             rows = x.shape[0] if x.dim() > 1 else 1
             x2 = x.reshape(-1, lr.d_in).float()
-            d2 = d.reshape(-1, lr.d_out).float().unflatten(1, (lr.n_chunks, lr.chunk))[:, lr.slices]  # (n, S, chunk)
+            d2 = d.reshape(-1, lr.d_out).float()
             n = x2.shape[0]
-            c["G"] += torch.einsum("nsc,ni->sci", d2, x2)
             stride = 1 if self.spec.factor_tokens is None else max(1, math.ceil(n / self.spec.factor_tokens))
-            xs, ds = x2[::stride], d2[::stride] * rows  # per-example gradients for a batch-mean loss
+            xs, ds = x2[::stride], d2[::stride]
             w = n / xs.shape[0]  # keep the sums unbiased when tokens are subsampled
-            c["A"] += w * (xs.T @ xs)
-            c["S"] += w * torch.einsum("nsc,nsk->sck", ds, ds)
+            c["A"].addmm_(xs.T, xs, alpha=w)
+            for i, sl in enumerate(lr.slices):  # row slices are views: no copies of the gradients
+                cols = slice(sl * lr.chunk, (sl + 1) * lr.chunk)
+                c["G"][i].addmm_(d2[:, cols].T, x2)
+                c["S"][i].addmm_(ds[:, cols].T, ds[:, cols], alpha=w * rows**2)  # per-example gradients rows * d
             c["counts"] += torch.tensor([n, rows], dtype=torch.float64, device=c["counts"].device)
         c["records"].clear()
 

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, AdapterSpec
+from .base import AdapterLayer, AdapterSpec, require_linear
 
 
 @dataclass
@@ -86,9 +86,7 @@ class FourierMoE(AdapterSpec):
             raise ValueError(f"FourierMoE.rows and .cols must be >= 1, got {self.rows}, {self.cols}")
 
     def wrap(self, name: str, layer: nn.Module) -> AdapterLayer:
-        if not isinstance(layer, nn.Linear):
-            raise TypeError(f"FourierMoE adapts nn.Linear only; {name!r} is {type(layer).__name__}. Narrow `targets`.")
-        return FourierMoELinear(layer, self, name)
+        return FourierMoELinear(require_linear(self, name, layer), self, name)
 
 
 class FourierMoELinear(AdapterLayer):
