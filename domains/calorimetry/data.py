@@ -351,7 +351,9 @@ class CaloShowerData(SuiteDataModule):
             return
         per_split: dict[str, list] = {name: [] for name in self.fractions}
         ids: dict[str, list[str]] = {name: [] for name in self.fractions}
-        for cls in dict.fromkeys(self.classes + self.eval_classes):
+        # evaluation classes first, in their listed order: later stages append classes, so an old
+        # class's test showers stay in the same batches from stage to stage
+        for cls in dict.fromkeys(self.eval_classes + self.classes):
             inc, showers = self.load_class(cls)
             below = showers * (showers < self.threshold_mev)
             hits, cut_showers, cut_energy = [], 0, 0.0

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -352,10 +353,17 @@ class CaloShowerModel(AdaptedModule):
 
     def on_test_epoch_start(self) -> None:
         self._collected: dict[str, dict[str, list]] = {}
-        self._gen = torch.Generator(device=self.device).manual_seed(0)
+        self._generators: dict[str, torch.Generator] = {}
 
     def _collect(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        gen = self.generate_showers(batch["incident_energy"], batch["label"], self._gen)
+        # each class is sampled on its own rows with its own seeded generator, so an old class's
+        # generated showers do not depend on which other classes share the test set
+        labels = batch["label"]
+        gen = torch.zeros(len(labels), self.tokenizer.n_voxels, device=self.device)
+        for cls in dict.fromkeys(labels):
+            rows = torch.tensor([i for i, c in enumerate(labels) if c == cls], device=self.device)
+            g = self._generators.setdefault(cls, torch.Generator(device=self.device).manual_seed(zlib.crc32(cls.encode())))
+            gen[rows] = self.generate_showers(batch["incident_energy"][rows], [cls] * len(rows), g)
         ref = self.reference_showers(batch)
         for i, cls in enumerate(batch["label"]):
             d = self._collected.setdefault(cls, {"gen": [], "ref": [], "inc": []})

@@ -232,6 +232,11 @@ def test_yaml_lifecycle_runs_and_later_stages_test_from_their_checkpoints(lifecy
     assert last["test/no_forgetting"] == 1.0 and results["add_electron"]["test"]["test/no_forgetting"] == 1.0
     for cls in ("W_photon", "Ta_photon", "Pb_photon", "W_electron", "Ta_electron", "Pb_electron"):
         assert np.isfinite(last[f"test/{cls}/nll"]) and 0.0 <= last[f"test/{cls}/sep_mean"] <= 1.0
+    # classes known at +electron are scored identically two stages later: same logits, same samples
+    earlier = results["add_electron"]["test"]
+    for cls in ("W_photon", "Ta_photon", "Pb_photon", "W_electron"):
+        for metric in ("nll", "sep_mean", "kl_mean", "auc"):
+            assert last[f"test/{cls}/{metric}"] == earlier[f"test/{cls}/{metric}"], (cls, metric)
     pb = torch.load(lifecycle / "add_pb/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert pb and all(".moe.experts.2." in k for k in pb)  # only the new expert was trained and saved
     el = torch.load(lifecycle / "add_electron/checkpoints/last.ckpt", weights_only=True)["state_dict"]
