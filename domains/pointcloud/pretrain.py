@@ -107,14 +107,14 @@ class PointMAEPretrain(AdaptedModule):
 
 
 # --- the cached foundation model ------------------------------------------------------------------------
-def foundation_checkpoint(encoder: PointEncoderConfig, extra_args: list[str] | None = None) -> Path:
+def foundation_checkpoint(encoder: PointEncoderConfig) -> Path:
     """``last.ckpt`` of ``pretrain.yaml`` run for this encoder shape, pretraining first if absent.
 
     The cache key hashes the pretraining YAML and the encoder config, so changing either makes a
     new foundation. The global RNG state is restored afterwards, so a run that had to pretrain
     continues exactly as one that found the cache.
     """
-    spec = PRETRAIN_YAML.read_text() + json.dumps(encoder.to_dict(), sort_keys=True) + json.dumps(extra_args or [])
+    spec = PRETRAIN_YAML.read_text() + json.dumps(encoder.to_dict(), sort_keys=True)
     key = hashlib.sha256(spec.encode()).hexdigest()[:12]
     folder = generated_dir("pointcloud") / f"foundation-{key}"
 
@@ -123,7 +123,7 @@ def foundation_checkpoint(encoder: PointEncoderConfig, extra_args: list[str] | N
 
         print(f"[pointcloud] no cached foundation model for this encoder; pretraining it into {folder} (once)")
         args = ["fit", "--config", str(PRETRAIN_YAML), "--trainer.default_root_dir", str(tmp),
-                "--model.init_args.encoder", json.dumps(encoder.to_dict())] + list(extra_args or [])
+                "--model.init_args.encoder", json.dumps(encoder.to_dict())]
         states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
         try:
             cli_main(args)

@@ -13,7 +13,7 @@ import yaml
 from domains.pointcloud import pretrain
 from suite.cli import main as cli_main
 from suite.stages import run_stages
-from tests.domains.test_pointcloud_model import TINY, TINY_DATA, tiny_model
+from tests.domains.test_pointcloud_model import TINY, TINY_DATA, data_dir, tiny_model  # noqa: F401 (fixture)
 from tests.notebooks import cell_outputs, run_notebook
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,13 +33,6 @@ def _tiny_configs(tmp_path: Path) -> tuple[str, str]:
     ft = {"trainer": QUIET | {"max_epochs": 2}, "model": {"init_args": {"encoder": TINY, "num_classes": 3}},
           "data": {"init_args": TINY_DATA}}
     return _write(tmp_path / "tiny-pre.yaml", pre), _write(tmp_path / "tiny-ft.yaml", ft)
-
-
-@pytest.fixture
-def data_dir(tmp_path_factory, monkeypatch):
-    path = tmp_path_factory.getbasetemp() / "pointcloud-data"
-    monkeypatch.setenv("SUITE_DATA_DIR", str(path))
-    return path
 
 
 def test_yaml_encoders_agree_and_variants_parse(capsys):
