@@ -343,11 +343,12 @@ class CaloShowerModel(AdaptedModule):
         dm = self.trainer.datamodule
         if dm is None:
             return
-        if tuple(dm.geometry.grid) != self.grid:
+        if hasattr(dm, "geometry") and tuple(dm.geometry.grid) != self.grid:
             raise ValueError(f"data grid {dm.geometry.grid} != model grid {self.grid}; set both to the same")
-        if getattr(dm, "threshold_mev", self.tokenizer.edges[0]) != float(self.tokenizer.edges[0]):
-            raise ValueError(f"data threshold_mev {dm.threshold_mev} != model e_min_mev {float(self.tokenizer.edges[0])}")
-        unknown = sorted(set(dm.classes + dm.eval_classes) - set(self.backbone.classes))
+        e_min = float(self.tokenizer.edges[0])
+        if getattr(dm, "threshold_mev", e_min) != e_min:
+            raise ValueError(f"data threshold_mev {dm.threshold_mev} != model e_min_mev {e_min}: a hit's lowest deposit is the first bin's edge")
+        unknown = sorted(set(getattr(dm, "classes", []) + getattr(dm, "eval_classes", [])) - set(self.backbone.classes))
         if unknown:
             raise ValueError(f"data classes {unknown} unknown to the model ({self.backbone.classes}); add them with add_class")
 
