@@ -107,16 +107,34 @@ class FourierMoELinear(AdapterLayer):
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))  # nn.Linear's default
         self.impl = "spectral"  # "dense": build E dense dW_e (reference / benchmark only)
         self._aux: torch.Tensor | None = None
+        self._const: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     def __getstate__(self) -> dict:
         # the last balance loss holds an autograd graph; copies (deepcopy, EMA teachers, pickling) drop it
         state = super().__getstate__()
         state["_aux"] = None
+        state["_const"] = None
         return state
+
+    def _constants(self) -> tuple[torch.Tensor, ...]:
+        """Per-bin constants derived from the positions, recomputed only when a position buffer changes
+        (loading or moving them bumps the version / storage)."""
+        bufs = (self.row_idx, self.col_idx, self.bin_weight, self.imag_mask)
+        key = tuple((b.data_ptr(), b._version, b.dtype) for b in bufs)
+        if self._const is None or self._const[0] != key:
+            M, N = self.base_layer.weight.shape
+            u = self.row_idx
+            folded = torch.minimum(u, M - u)
+            half = torch.where((folded == 0) | (2 * folded == M), 1.0, 0.5)  # (E, rows)
+            flip = torch.where(2 * u > M, -1.0, 1.0)[:, None, :]  # (E, 1, rows)
+            f = (self.bin_weight.float() * half[:, :, None] * (self.spec.scale / N)).transpose(1, 2)  # (E, cols, rows)
+            fi = f * self.imag_mask.float().transpose(1, 2)
+            self._const = (key, (folded.flatten(), f, fi, flip, self.col_idx.flatten()))
+        return self._const[1]
 
     def complex_coefficients(self) -> torch.Tensor:
         """``(E, rows, cols)`` complex coefficients with self-conjugate bins real and redundant bins zero."""
-        c = self.coefficients
+        c = self.coefficients.float()  # fp32 even if the model was cast to half precision
         return torch.complex(c[..., 0], c[..., 1] * self.imag_mask) * (self.bin_weight > 0)
 
     def expert_deltas(self) -> torch.Tensor:
@@ -153,7 +171,7 @@ class FourierMoELinear(AdapterLayer):
 
     def route(self, xf: torch.Tensor) -> torch.Tensor:
         """Gates ``(T, E)``: router probabilities on each token's top-k experts, zero elsewhere."""
-        probs = F.linear(xf, self.router).softmax(-1)
+        probs = F.linear(xf, self.router.float()).softmax(-1)
         k = self.spec.top_k
         top_p, top_i = probs.topk(k, dim=-1)
         gates = torch.zeros_like(probs).scatter(-1, top_i, top_p)
@@ -170,14 +188,9 @@ class FourierMoELinear(AdapterLayer):
         moves the bin to ``M - u`` (``Re(z w^u) = Re(conj(z) w^(M-u))``) with the 1/2 that
         ``irfft`` doubles back for rows strictly inside ``(0, M/2)``.
         """
-        M, N = self.base_layer.weight.shape
-        u = self.row_idx
-        folded = torch.minimum(u, M - u)
-        half = torch.where((folded == 0) | (2 * folded == M), 1.0, 0.5)  # (E, rows)
-        flip = torch.where(2 * u > M, -1.0, 1.0)[:, None, :]  # (E, 1, rows)
-        f = self.bin_weight * half[:, :, None] * (self.spec.scale / N)
-        fa = (self.coefficients[..., 0] * f).transpose(1, 2)  # (E, cols, rows)
-        fb = (self.coefficients[..., 1] * self.imag_mask * f).transpose(1, 2)
+        _, f, fi, flip, _ = self._constants()
+        c = self.coefficients.float().transpose(1, 2)  # (E, cols, rows, 2)
+        fa, fb = c[..., 0] * f, c[..., 1] * fi
         # input (re, im) of rfft(x) = (Re X, -Im X); output (Re Z, flip * Im Z) with Z = c X
         k = torch.stack([torch.stack([fa, flip * fb], -1), torch.stack([fb, -flip * fa], -1)], 2)
         return k.reshape(k.shape[0], 2 * k.shape[1], -1)
@@ -194,11 +207,11 @@ class FourierMoELinear(AdapterLayer):
         if self.impl == "dense":
             delta = torch.einsum("te,tem->tm", gates, torch.einsum("tn,emn->tem", xf, self.expert_deltas()))
         else:
+            folded, _, _, _, cols_flat = self._constants()
             X = torch.fft.rfft(xf, dim=-1)  # (T, N//2 + 1)
-            Xg = torch.view_as_real(X[:, self.col_idx.flatten()]).reshape(T, E, 2 * cols) * gates[:, :, None]
+            Xg = torch.view_as_real(X[:, cols_flat]).reshape(T, E, 2 * cols) * gates[:, :, None]
             Z = torch.bmm(Xg.transpose(0, 1), self.spectral_core())  # (E, T, 2 rows)
             Z = Z.transpose(0, 1).reshape(T, E * rows, 2)
-            folded = torch.minimum(self.row_idx, M - self.row_idx).flatten()
             Zh = Z.new_zeros(T, M // 2 + 1, 2).index_add_(1, folded, Z)
             delta = torch.fft.irfft(torch.view_as_complex(Zh), n=M, dim=-1)
         return out + delta.view(*out.shape).to(out.dtype)

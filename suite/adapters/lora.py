@@ -273,6 +273,17 @@ class LoRALayer(AdapterLayer):
         self._merge_scale = None
         self.merged = False
 
+    def _merge_on_the_fly(self, x: torch.Tensor, positions: int) -> bool:
+        """Inference shortcut: with no gradient to track, one product with ``W + dW`` is cheaper than
+        the base product plus the adapter path once there are more output positions (tokens,
+        pixels) than ``d_out * d_in / (d_out + d_in)``: building ``dW`` costs ``d_out * d_in * r``,
+        the adapter path ``positions * (d_out + d_in) * r`` plus two passes over the output. Exact
+        up to fp32 round-off; few-token decoding keeps the adapter path."""
+        if torch.is_grad_enabled() or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return False
+        d_out, d_in = self.lora.d_out, self.lora.d_in
+        return positions * (d_out + d_in) > d_out * d_in
+
     def _dora_output(self, out: torch.Tensor, base_term: torch.Tensor, lora_out: torch.Tensor, channel_dim: int) -> torch.Tensor:
         """DoRA's output ``out + (k - 1) * W x + k * s B A x`` with ``k = m / ||W + s B A||``."""
         shape = [1] * out.dim()
@@ -341,8 +352,10 @@ class LoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
-        B, A = self.lora.factors()
         W, b = self.base_layer.weight, self.base_layer.bias
+        if self._merge_on_the_fly(x, x.numel() // x.shape[-1]):
+            return F.linear(x, W + self.delta_weight().to(W.dtype), b)
+        B, A = self.lora.factors()
         fused = (
             not self.spec.dora
             and (isinstance(self.dropout, nn.Identity) or not self.training)
@@ -388,11 +401,13 @@ class LoRAConv2d(LoRALayer):
         return delta2d.view(self.base_layer.weight.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
-        B, A = self.lora.factors()
+            return self.base_layer(x)
         w = self.base_layer.weight
+        if self._merge_on_the_fly(x, x.numel() // x.shape[-3] // math.prod(self.base_layer.stride)):
+            return self.base_layer._conv_forward(x, w + self.delta_weight().to(w.dtype), self.base_layer.bias)
+        out = self.base_layer(x)
+        B, A = self.lora.factors()
         dx = self.dropout(x)
         h = self.base_layer._conv_forward(dx, A.view(A.shape[0], *w.shape[1:]), None)
         lora_out = F.conv2d(h, B[:, :, None, None]) * self.lora.scaling

@@ -149,3 +149,17 @@ def test_bands_too_narrow_fail_clearly():
         FourierMoE(experts=2, top_k=3, targets=["0"])
     with pytest.raises(TypeError, match="nn.Linear only"):
         inject(nn.Sequential(nn.Conv2d(3, 3, 1)), FourierMoE(targets=["0"]))
+
+
+def test_half_precision_model_keeps_fp32_spectra():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32))
+    inject(m, FourierMoE(experts=2, top_k=1, rows=4, cols=2, targets=["0"]))
+    with torch.no_grad():
+        m[0].coefficients.normal_()
+    x = torch.randn(3, 16)
+    y32 = m(x)
+    m.to(torch.bfloat16)
+    y16 = m(x.to(torch.bfloat16))
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=0.1, rtol=0.05)  # bf16 base matmul round-off

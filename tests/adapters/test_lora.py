@@ -215,3 +215,50 @@ def test_fused_linear_equals_autograd(qkv, shift):
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
     for a, b in zip(fused, torch.autograd.grad(y_ref, params, g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d_in=st.integers(1, 12), third=st.integers(1, 6), r=st.integers(1, 4), bias=st.booleans(),
+    qkv=st.sampled_from([None, ["q"], ["k", "v"], ["q", "k", "v"]]), dora=st.booleans(), rslora=st.booleans(),
+)
+def test_merge_unmerge_property(d_in, third, r, bias, qkv, dora, rslora):
+    """For any shape and option mix: merged output == unmerged output, unmerge restores W."""
+    torch.manual_seed(d_in * 100 + third * 10 + r)
+    m = nn.Sequential(nn.Linear(d_in, 3 * third, bias=bias))
+    inject(m, LoRA(r=r, alpha=2.0, qkv=qkv, dora=dora, rslora=rslora, targets=["0"]))
+    with torch.no_grad():
+        m[0].lora.B.normal_()
+        if dora:
+            m[0].magnitude.mul_(1.3)
+    x = torch.randn(4, d_in)
+    w = m[0].base_layer.weight.detach().clone()
+    y = m(x)
+    merge(m)
+    torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
+    unmerge(m)
+    assert (m[0].base_layer.weight - w).norm() <= 1e-6 * w.norm()
+
+
+@pytest.mark.parametrize("spec", [LoRA(r=2, targets=["0"]), LoRA(r=2, qkv=["v"], dora=True, targets=["0"])], ids=["lora", "qv_dora"])
+def test_inference_shortcut_equals_the_adapter_path(spec):
+    """Without gradients, many tokens go through W + dW in one product; same numbers as the adapter path."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 12), nn.Conv2d(3, 6, 3, padding=1))
+    inject(m, spec)
+    inject(m, LoRA(r=2, dora=spec.dora, targets=["1"]))
+    with torch.no_grad():
+        for _, layer in adapter_layers(m):
+            layer.lora.B.normal_()
+    m.eval()
+    x, img = torch.randn(64, 8), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert m[0]._merge_on_the_fly(x, 64) and not m[0]._merge_on_the_fly(x[:2], 2)
+        fast = m[0](x), m[1](img)
+    slow = m[0](x), m[1](img)  # gradients enabled: the adapter path
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
