@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.signal import lfilter
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from suite.data import SuiteDataModule, cached, file_hash, generated_dir
 
@@ -218,6 +218,8 @@ class ForecastData(SuiteDataModule):
         train_windows: train on a seeded random subset of this many windows (CPU budgets);
             ``None`` uses all. ``val_windows`` takes evenly spaced val windows. Test is always complete.
         predict_windows: evenly spaced test windows that ``predict`` writes and plots.
+        eval_batch_size: batch size of val / test / predict (default ``batch_size``); evaluation
+            needs no gradients, so larger batches are cheaper per window.
     """
 
     def __init__(
@@ -233,6 +235,7 @@ class ForecastData(SuiteDataModule):
         predict_windows: int = 4,
         generated_hours: int = 24 * 7 * 30,
         batch_size: int = 32,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -242,6 +245,7 @@ class ForecastData(SuiteDataModule):
         self.target, self.features, self.protocol = target, features, protocol
         self.train_windows, self.val_windows, self.predict_windows = train_windows, val_windows, predict_windows
         self.generated_hours = generated_hours
+        self.eval_batch_size = eval_batch_size or batch_size
 
     @property
     def num_channels(self) -> int:
@@ -274,6 +278,15 @@ class ForecastData(SuiteDataModule):
         pick = np.linspace(0, len(test) - 1, min(self.predict_windows, len(test))).round().astype(int)
         self.splits["predict"] = WindowDataset(self.values, test[pick], self.lookback, self.horizon)
         self.protocol_used = protocol
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val", batch_size=self.eval_batch_size)  # never drop_last: every window counts
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test", batch_size=self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.loader("predict", batch_size=self.eval_batch_size)
 
     def describe(self) -> dict[str, Any]:
         """What a run read: file, hash, protocol, channels and window counts."""

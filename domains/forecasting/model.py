@@ -202,9 +202,12 @@ class ForecastModule(AdaptedModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        source = getattr(self, "trunk_source", None)
-        if source is not None and self.logger is not None:
-            self.logger.log_hyperparams({"trunk_source": source})
+        dm = self.trainer.datamodule
+        if self.logger is not None:  # what ran: the trunk actually loaded, and the file (with its hash) read
+            record = {"trunk_source": getattr(self, "trunk_source", "-")}
+            if hasattr(dm, "describe"):
+                record["data_source"] = dm.describe()
+            self.logger.log_hyperparams(record)
 
     def on_fit_end(self) -> None:
         m = self.trainer.callback_metrics

@@ -13,6 +13,15 @@ from suite.backbones.causal_lm import build_causal_lm, resolve_causal_lm, smollm
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread; on shared cores a second one costs up to 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_tiny_llama_layers_width_and_seeded_rebuild():
     torch.manual_seed(3)
     a = build_causal_lm("tiny", num_layers=3)

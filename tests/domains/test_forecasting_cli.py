@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from suite.backbones.causal_lm import smollm2_gguf
 from suite.cli import main
@@ -19,6 +20,15 @@ BASE = str(ROOT / "domains" / "forecasting.yaml")
 SMALL = ["--data.init_args.generated_hours", "1344", "--data.init_args.train_windows", "64", "--data.init_args.val_windows", "32",
          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
 TINY = ["--model.init_args.backbone", "tiny", *SMALL]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread; on shared cores a second one costs up to 10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def extra(name: str) -> list[str]:
