@@ -12,6 +12,12 @@ is scored on the episode's query set (20 test clouds per class, never used for s
 weights after the last step are scored). Accuracy is mean +- std over episodes; the episodes are
 shared by all methods, so differences are also given per episode (paired).
 
+All methods share the head (a linear layer on BatchNorm-standardised features, started at the
+support set's class prototypes) and its learning rate (0.01). The encoder learning rate of each
+method is the best of {3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 5e-4} on the validation clouds (other test
+clouds than the queries) of 5w10s episodes 0-2: 1e-4 for MCFT (and its variants) and LoRA,
+3e-6 for full fine-tuning (the grid is in domains/pointcloud/README.md).
+
 Beside each method: trainable parameters, parameters at inference, FLOPs per cloud (exact, from
 torch's FlopCounterMode) and measured inference latency (batch of 32, median of 5 runs; noisy on
 a shared machine, the FLOPs are not). LoRA is measured unmerged, as trained; merged it costs what
@@ -153,7 +159,8 @@ def render(acc: dict, cost: dict, args: argparse.Namespace, seconds: float, part
         *(["**Partial: the run has not finished.**", ""] if partial else []),
         f"`python benchmarks/pointcloud.py --settings {' '.join(settings)} --episodes {args.episodes} --steps {args.steps}`",
         f"({datetime.date.today().isoformat()}, {seconds / 60:.1f} min on this machine, torch threads {args.threads})", "",
-        f"Query accuracy (%), mean ± std over {args.episodes} seeded episodes; every method {args.steps} optimiser steps "
+        f"Query accuracy (%), mean ± std over {min(len(v) for s in settings for v in (acc[m][s] for m in acc)) if settings else 0} "
+        f"seeded episodes; every method {args.steps} optimiser steps "
         "from the same pretrained encoder (procedural ModelNet-like corpus, 256 points).", "",
         "| method | trainable params | params at inference | GFLOPs / cloud | latency ms / cloud | " + " | ".join(settings) + " |",
         "|---|---|---|---|---|" + "---|" * len(settings),

@@ -22,14 +22,14 @@ settings: full fine-tuning (``train_blocks: -1``, lambda 0), linear probe (``tra
 lambda 0), LoRA (``adapter: LoRA``), prompt tuning (``encoder.num_prompts > 0``).
 
 Reference-code fix: a frozen BatchNorm (in the patch embedding) still updates its running
-statistics in train mode, so "frozen" layers drift; :meth:`train` keeps frozen BatchNorms in eval.
+statistics in train mode, so "frozen" layers drift; frozen BatchNorms are kept in eval mode.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -79,6 +79,8 @@ class PointCloudClassifier(AdaptedModule):
         head_lr: learning rate of the (randomly initialised) head and prompt tokens; the encoder
             uses the optimizer's. Few-shot runs are tens of steps, too few for a new head at an
             encoder learning rate. None: one learning rate for everything.
+        head_init: ``prototypes`` starts the head as the nearest-class-mean classifier of the
+            support set (see :meth:`init_head_from_prototypes`); ``random`` from its seeded init.
         aug_seed: seeds the per-step augmentations, so a resumed run repeats an uninterrupted one.
     """
 
@@ -93,6 +95,7 @@ class PointCloudClassifier(AdaptedModule):
         prune_blocks: int = 0,
         pseudo_label_threshold: float | None = None,
         head_lr: float | None = None,
+        head_init: Literal["prototypes", "random"] = "prototypes",
         aug_seed: int = 0,
         adapter: AdapterSpec | None = None,
         **kwargs: Any,
@@ -104,7 +107,9 @@ class PointCloudClassifier(AdaptedModule):
             raise ValueError(f"pseudo_label_threshold must be in (0, 1) or null, got {pseudo_label_threshold}")
         self.num_classes, self.train_blocks, self.momentum = num_classes, train_blocks, momentum
         self.consistency_weight, self.pseudo_label_threshold, self.aug_seed = consistency_weight, pseudo_label_threshold, aug_seed
-        self.head_lr = head_lr
+        if head_init not in ("prototypes", "random"):
+            raise ValueError(f"head_init must be 'prototypes' or 'random', got {head_init!r}")
+        self.head_lr, self.head_init = head_lr, head_init
         with self.seeded():
             self.backbone = PointEncoder(cfg)
             self.head = linear_head(self.backbone.num_features, num_classes)
@@ -113,6 +118,7 @@ class PointCloudClassifier(AdaptedModule):
         self.adapt()  # injects `adapter` if any; freezes the rest of the backbone
         self._unfreeze(train_blocks)
         self.report = parameter_report(self, self.method)
+        self._freeze_batchnorm_statistics()
         self.val_acc, self.test_acc = MulticlassAccuracy(num_classes, average="micro"), MulticlassAccuracy(num_classes, average="micro")
 
     # --- building -------------------------------------------------------------------------------
@@ -170,17 +176,63 @@ class PointCloudClassifier(AdaptedModule):
 
     def train(self, mode: bool = True) -> "PointCloudClassifier":
         super().train(mode)
-        for m in self.modules():  # frozen BatchNorms keep their pretrained statistics
+        self._freeze_batchnorm_statistics()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self._freeze_batchnorm_statistics()  # Lightning does not call train() itself; be sure
+
+    def _freeze_batchnorm_statistics(self) -> None:
+        """Frozen BatchNorms (all parameters frozen) keep their pretrained running statistics."""
+        for m in self.modules():
             params = list(m.parameters())
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
                 m.eval()
-        return self
 
     def configure_callbacks(self) -> list[L.Callback]:
         callbacks: list[L.Callback] = [CloudPredictionWriter()]
         if self.consistency_weight > 0:
             callbacks.append(EMATeacher(student="backbone", attribute="ema_teacher", momentum=self.momentum))
         return callbacks
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        dm = self.trainer.datamodule
+        if self.head_init == "prototypes" and self.trainer.ckpt_path is None and dm is not None:  # not on resume
+            # the whole labelled set, unshuffled and identical on every rank (no DistributedSampler)
+            self.init_head_from_prototypes(dm.loader("train") if hasattr(dm, "loader") else dm.train_dataloader())
+
+    @torch.no_grad()
+    def init_head_from_prototypes(self, loader: Any) -> None:
+        """Make the head the nearest-class-mean classifier of the labelled clouds (no augmentation).
+
+        The head's BatchNorm gets the features' mean and variance; class ``c`` gets weight
+        ``mu_c / T`` and bias ``-|mu_c|^2 / (2 T)`` for the mean ``mu_c`` of its standardised
+        features, so the arg-max logit is the nearest class mean (Euclidean); ``T = sqrt(dim)``
+        keeps the initial logits O(1) for the cross-entropy. Fine-tuning then starts from what a
+        linear probe would converge towards (LP-FT, Kumar et al., ICLR 2022) instead of from a
+        random head whose first gradients distort the pretrained features.
+        """
+        mode = self.training
+        self.eval()
+        feats, labels = [], []
+        for batch in loader:
+            batch = batch["labelled"] if "labelled" in batch else batch
+            feats.append(self.backbone(batch["points"].to(self.device)))
+            labels.append(batch["label"].to(self.device))
+        self.train(mode)
+        f, y = torch.cat(feats), torch.cat(labels)
+        absent = sorted(set(range(self.num_classes)) - set(y.tolist()))
+        if absent:
+            raise ValueError(f"head_init=prototypes: classes {absent} have no labelled cloud in the training set")
+        norm, linear = self.head
+        norm.running_mean.copy_(f.mean(0))
+        norm.running_var.copy_(f.var(0, unbiased=False))
+        z = (f - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
+        protos = torch.stack([z[y == c].mean(0) for c in range(self.num_classes)])
+        temperature = z.shape[1] ** 0.5
+        linear.weight.copy_(protos / temperature)
+        linear.bias.copy_(-protos.pow(2).sum(1) / (2 * temperature))
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None

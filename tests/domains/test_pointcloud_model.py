@@ -217,6 +217,24 @@ def test_head_learning_rate_has_its_own_group():
     assert len(encoder_group["params"]) + len(head_group["params"]) == len(model.trainable_parameters())
 
 
+def test_prototype_head_is_the_nearest_class_mean_classifier(data_dir):
+    model = tiny_model(train_blocks=1)
+    dm = PointCloudData(**TINY_DATA)
+    dm.setup("fit")
+    model.init_head_from_prototypes(dm.loader("train"))
+    model.eval()
+    stack = lambda split: [torch.stack(v) for v in zip(*[(c["points"], torch.tensor(c["label"])) for c in dm.splits[split]])]
+    (support, y), (query, _) = stack("train"), stack("test")
+    with torch.no_grad():
+        fs, fq = model.backbone(support), model.backbone(query)
+        mu, sd = fs.mean(0), (fs.var(0, unbiased=False) + 1e-5).sqrt()
+        protos = torch.stack([((fs - mu) / sd)[y == c].mean(0) for c in range(3)])
+        nearest = torch.cdist((fq - mu) / sd, protos).argmin(1)
+        assert torch.equal(model(query).argmax(1), nearest)
+    with pytest.raises(ValueError, match="head_init"):
+        tiny_model(head_init="zeros")
+
+
 def test_frozen_batchnorm_keeps_its_statistics():
     mcft = tiny_model(train_blocks=1).train()
     assert not mcft.backbone.encoder.first_conv[1].training and mcft.backbone.blocks.blocks[2].training
@@ -237,10 +255,12 @@ def _flops(model, pts) -> int:
 @pytest.mark.filterwarnings("ignore:Total length of `list` across ranks is zero")  # no validation set: intended
 def test_mcft_adds_nothing_at_inference(tmp_path, data_dir):
     plain = torch.nn.Sequential(PointEncoder(PointEncoderConfig.coerce(TINY)), linear_head(128, 3))
-    mcft = tiny_model(train_blocks=1, pseudo_label_threshold=0.2)  # semi-supervised, no validation set
+    mcft = tiny_model(train_blocks=1, pseudo_label_threshold=0.2, head_init="random")  # semi-supervised, no val set
     dm = PointCloudData(**(TINY_DATA | {"unlabelled": 3, "n_val": 0}))
+    frozen_bn = mcft.backbone.encoder.first_conv[1].running_mean.clone()
     trainer = tiny_trainer(tmp_path, max_steps=2)
     trainer.fit(mcft, dm)
+    assert torch.equal(mcft.backbone.encoder.first_conv[1].running_mean, frozen_bn)  # frozen stays frozen
     assert {"train/consistency", "train/pseudo_frac"} <= set(trainer.callback_metrics)
     assert hasattr(mcft, "ema_teacher")  # trained with a teacher ...
     assert _param_count(mcft) == _param_count(plain)  # ... that is not part of the model
