@@ -228,7 +228,7 @@ class NucleiTiles(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         inst, types, hv = self.targets(i)
-        image = np.asarray(self.images(i), dtype=np.uint8)
+        image = np.array(self.images(i), dtype=np.uint8)  # a writable copy (memory-mapped files are read-only)
         if self.augment:  # torch's RNG: seeded by seed_everything and per worker by Lightning
             k = int(torch.randint(8, ()))
             inst, types, hv, image = dihedral(k, inst, types, hv, image)

@@ -33,6 +33,7 @@ class PostProcessConfig:
     sobel_kernel_size: int = 21  # HoVer-Net's Sobel size on the h/v maps
     marker_threshold: float = 0.4  # border values above this are "uncertain", not marker
     marker_radius: int = 2  # opening of the markers (disk radius, px)
+    use_boundary: bool = False  # BGMR: join the boundary probability to the HoVer border (see README)
 
 
 def hovernet_instances(

@@ -45,7 +45,6 @@ def run(tmp_path_factory):
     mp.undo()
 
 
-@pytest.mark.slow
 def test_fit_logs_metrics_and_saves_mala(run):
     root, cli = run
     metrics = pd.read_csv(root / "logs" / "version_0" / "metrics.csv")
@@ -59,7 +58,6 @@ def test_fit_logs_metrics_and_saves_mala(run):
     assert not any(".base_layer." in k or k.startswith("backbone.patch_embed") for k in keys)  # frozen SAM is not
 
 
-@pytest.mark.slow
 def test_validate_from_last_checkpoint_reproduces_metrics(run):
     root, cli = run
     last_val = cli.model.last_val
@@ -71,7 +69,6 @@ def test_validate_from_last_checkpoint_reproduces_metrics(run):
     assert "test/bPQ" in tester.trainer.callback_metrics
 
 
-@pytest.mark.slow
 def test_predict_writes_overlays_and_maps_then_notebook(run):
     root, _ = run
     main(["predict", *_args(root), "--ckpt_path", "last"])
