@@ -20,8 +20,9 @@ clouds than the queries) of 5w10s episodes 0-2: 1e-4 for MCFT (and its variants)
 
 Beside each method: trainable parameters, parameters at inference, FLOPs per cloud (exact, from
 torch's FlopCounterMode) and measured inference latency (batch of 32, median of 5 runs; noisy on
-a shared machine, the FLOPs are not). LoRA is measured unmerged, as trained; merged it costs what
-the base model costs.
+a shared machine, the FLOPs are not). LoRA is measured as trained (not merged into the weights);
+suite.adapters' LoRA layers fold the update into the weight on the fly when that is cheaper (as
+at batch 32), so its FLOPs are close to the base model's while its parameters are not.
 
 Budget: the defaults (4 settings x 10 episodes x 6 methods = 240 fits of 20 steps) are sized for
 ~45 min on 2 busy CPU cores, one intra-op thread (faster than two on a shared machine);

@@ -270,8 +270,8 @@ def test_mcft_adds_nothing_at_inference(tmp_path, data_dir):
     }
     pts = torch.rand(2, 256, 3)
     assert _flops(mcft, pts) == _flops(plain, pts)
-    lora = tiny_model(train_blocks=0, consistency_weight=0, adapter=LoRA(r=4, targets=["qkv", "proj", "fc1", "fc2"]))
-    assert _flops(lora, pts) > _flops(plain, pts)  # an unmerged adapter does cost inference FLOPs
+    prompt = tiny_model(train_blocks=0, consistency_weight=0, encoder=PointEncoderConfig.coerce(TINY | {"num_prompts": 4}))
+    assert _flops(prompt, pts) > _flops(plain, pts)  # prompt tokens do cost inference FLOPs
     pruned = tiny_model(train_blocks=1, prune_blocks=1)
     assert pruned.backbone.depth == 2 and _param_count(pruned) < _param_count(plain)
     assert _param_count(pruned) == _param_count(plain) - _param_count(plain[0].blocks.blocks[2])
