@@ -16,7 +16,8 @@ class CloudPredictionWriter(BasePredictionWriter):
     """Write ``<default_root_dir>/predictions/predictions.csv`` and ``predictions.png``.
 
     The CSV holds the cloud id, true label (-1 if unknown), predicted class and its probability;
-    the PNG shows up to ``n_plot`` clouds, each coloured by its predicted class.
+    the PNG shows up to ``n_plot`` clouds spread evenly over the set, each coloured by its
+    predicted class.
     """
 
     def __init__(self, n_plot: int = 12) -> None:
@@ -30,7 +31,7 @@ class CloudPredictionWriter(BasePredictionWriter):
         prob = torch.cat([o["prob"] for o in outs]).float().cpu()
         label = torch.cat([o["label"] for o in outs]).cpu().numpy()
         index = torch.cat([o["index"] for o in outs]).cpu().numpy()
-        points = torch.cat([o["points"][: self.n_plot] for o in outs])[: self.n_plot].cpu().numpy()
+        points = torch.cat([o["points"] for o in outs]).cpu().numpy()
         conf, pred = prob.max(-1)
         dm = trainer.datamodule
         names = list(getattr(dm, "class_names", []) or [str(i) for i in range(prob.shape[1])])
@@ -44,7 +45,8 @@ class CloudPredictionWriter(BasePredictionWriter):
             for i in range(len(pred)):
                 lab = int(label[i])
                 w.writerow([ids[i], lab, names[lab] if lab >= 0 else "", int(pred[i]), names[int(pred[i])], f"{float(conf[i]):.4f}"])
-        plot_clouds(points, pred[: len(points)].numpy(), label[: len(points)], names, out / "predictions.png")
+        show = np.unique(np.linspace(0, len(points) - 1, min(self.n_plot, len(points))).astype(int))  # spread over classes
+        plot_clouds(points[show], pred.numpy()[show], label[show], names, out / "predictions.png")
 
 
 def plot_clouds(points: np.ndarray, pred: np.ndarray, label: np.ndarray, names: list[str], path: Path) -> None:
