@@ -79,7 +79,10 @@ def read_pannuke_fold(root: str | Path) -> PanNukeFold:
     paths = {n: _find_one(root, f"{n}.npy") for n in ("images", "masks", "types")}
     images = np.load(paths["images"], mmap_mode="r")
     masks = np.load(paths["masks"], mmap_mode="r")
-    types = np.load(paths["types"], allow_pickle=False)
+    try:
+        types = np.load(paths["types"], allow_pickle=False)  # never unpickle a data file
+    except ValueError as err:
+        raise ValueError(f"{paths['types']}: expected a numpy string array of tissue names (N,), not pickled objects") from err
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"{paths['images']}: expected images of shape (N, H, W, 3), got {images.shape}")
     if masks.ndim != 4 or masks.shape[-1] != 6:
@@ -213,18 +216,24 @@ def dihedral(k: int, inst: np.ndarray, types: np.ndarray, hv: np.ndarray, image:
 class NucleiTiles(Dataset):
     """Tiles with HoVer-Net targets: image, inst/type maps, hv maps, instance contours, tissue."""
 
-    def __init__(self, images: Any, maps: Any, tissues: np.ndarray, ids: list[str], augment: bool = False) -> None:
+    def __init__(self, images: Any, maps: Any, tissues: np.ndarray, ids: list[str], augment: bool = False,
+                 cache: bool = True) -> None:
         self.images, self.maps, self.tissues, self.ids, self.augment = images, maps, tissues, ids, augment
+        self.cache = cache
         self._targets: dict[int, tuple[np.ndarray, ...]] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def targets(self, i: int) -> tuple[np.ndarray, ...]:
-        if i not in self._targets:  # computed once per tile (MONAI hv maps cost ~10 ms)
-            inst, types = self.maps(i)
-            self._targets[i] = (inst, types, hover_maps(inst))
-        return self._targets[i]
+        """(inst_map, type_map, hv) of tile ``i``; kept after first use when ``cache`` (~1 MB per tile)."""
+        if i in self._targets:
+            return self._targets[i]
+        inst, types = self.maps(i)
+        out = (inst, types, hover_maps(inst))  # MONAI's h/v maps cost ~10 ms per tile
+        if self.cache:
+            self._targets[i] = out
+        return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         inst, types, hv = self.targets(i)
@@ -259,6 +268,8 @@ class NucleiData(SuiteDataModule):
         fractions: train/val/test shares of generated slides (or of train groups for ``val``).
         augment: random flips/rotations of training tiles.
         split_seed: seed of the group split (fixed while ``seed`` varies the batch order).
+        cache_targets: keep each tile's HoVer targets in memory after first use (~1 MB per
+            tile; turn off for full PanNuke folds on small machines).
     """
 
     def __init__(
@@ -273,6 +284,7 @@ class NucleiData(SuiteDataModule):
         augment: bool = True,
         consep_types: dict[int, int] | None = None,
         split_seed: int = 0,
+        cache_targets: bool = True,
         batch_size: int = 4,
         num_workers: int = 0,
         seed: int = 0,
@@ -285,7 +297,7 @@ class NucleiData(SuiteDataModule):
         self.source, self.path = source, dict(path or {})
         self.n_tiles, self.tiles_per_slide, self.tile_size = n_tiles, tiles_per_slide, tile_size
         self.generator_seed, self.augment, self.consep_types = generator_seed, augment, consep_types
-        self.split_seed = split_seed
+        self.split_seed, self.cache_targets = split_seed, cache_targets
         self.fractions = fractions or {"train": 0.7, "val": 0.15, "test": 0.15}
         self.class_names = CLASS_NAMES
         self.tissue_names: list[str] = []
@@ -309,6 +321,7 @@ class NucleiData(SuiteDataModule):
             tissues=tissues,
             ids=[f"{fold.root.name}:{j}" for j in idx],
             augment=self.augment and name == "train",
+            cache=self.cache_targets,
         )
         self.splits[name] = ds
         self.record_split(name, ds.ids)
@@ -360,6 +373,7 @@ class NucleiData(SuiteDataModule):
                 tissues=self._tissue_ids(np.array(["CoNSeP"] * len(tiles))),
                 ids=[f"{t[0]}:{k}" for k, t in enumerate(tiles)],
                 augment=self.augment and name == "train",
+                cache=self.cache_targets,
             )
             self.splits[name] = ds
             self.record_split(name, ds.ids)

@@ -6,8 +6,10 @@ Fine-Grained Refinement" (arXiv 2603.28027):
     tile (3, 256, 256) ──> frozen SAM image encoder, MALA after every block (adapters.py)
         block outputs + neck ──> HMF: FiLM-modulated levels, learned level weights ──> (dim, 16, 16)
         ──> decoder: x2 upsampling stages with skip features of a light conv stem on the tile
+            (by default down to 128 px; the output maps are upsampled to the tile)
         ──> HoVer-Net heads: nuclear pixel (2), h/v distance (2), type (C + 1)
-        ──> BGMR: boundary head (1), refines the nuclear-pixel logits and the watershed border
+        ──> BGMR: boundary head (1), supervised by instance contours, refines the nuclear-pixel
+            logits (and, optionally, the watershed border)
         ──> MONAI HoVer-Net watershed ──> instance map + class per nucleus (postprocess.py)
 
 Each of MALA (``adapter``), HMF (``hmf``) and BGMR (``bgmr``) is a YAML switch; ``adapter`` also

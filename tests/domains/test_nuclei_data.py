@@ -65,6 +65,10 @@ def test_pannuke_reader_rejects_wrong_channels(tmp_path):
     (root / "masks.npy").unlink()
     with pytest.raises(FileNotFoundError, match="masks.npy"):
         read_pannuke_fold(root)
+    np.save(root / "masks.npy", np.zeros((2, 8, 8, 6)))
+    np.save(root / "types.npy", np.array(["Breast", None], dtype=object))  # would need unpickling
+    with pytest.raises(ValueError, match=r"types\.npy.*string array"):
+        read_pannuke_fold(root)
 
 
 def test_pannuke_maps_later_channel_wins_like_pannuke():
