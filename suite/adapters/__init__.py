@@ -5,7 +5,8 @@
 
 Methods: :class:`LoRA` (rsLoRA, DoRA, q/k/v-selective; Linear, Conv2d, Embedding,
 MultiheadAttention), :class:`MiCA`, :class:`CGLoRA` (needs :func:`init_adapters` with
-calibration batches), :class:`FourierMoE`. See ``suite/adapters/README.md`` for the math.
+calibration batches), :class:`FourierMoE`, and mixtures of experts (:class:`MixtureOfExperts`,
+:class:`MoE`) with learned or label-masked routers and experts added later. See ``suite/adapters/README.md`` for the math.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from .lora import LoRA, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMu
 from .mica import MiCA
 from .curvature import CGLoRA, CGLoRALinear
 from .fourier_moe import FourierMoE, FourierMoELinear
+from .moe import FeedForward, LowRankExpert, MixtureOfExperts, MoE, MoELinear, route_labels, switch_balance_loss
 from .core import (
     AdapterLoadError,
     AdapterReport,
@@ -38,6 +40,7 @@ __all__ = [
     "CGLoRA",
     "CGLoRALinear",
     "FourierMoE",
+    "FeedForward",
     "FourierMoELinear",
     "LoRA",
     "LoRAConv2d",
@@ -46,7 +49,11 @@ __all__ = [
     "LoRALinear",
     "LoRAMultiheadAttention",
     "LowRankDelta",
+    "LowRankExpert",
     "MiCA",
+    "MixtureOfExperts",
+    "MoE",
+    "MoELinear",
     "adapter_layers",
     "adapter_state_dict",
     "export_peft",
@@ -57,7 +64,9 @@ __all__ = [
     "merge",
     "name_matches",
     "parameter_report",
+    "route_labels",
     "save_adapters",
     "spec_from_dict",
+    "switch_balance_loss",
     "unmerge",
 ]
