@@ -128,6 +128,9 @@ def table(rows: list[dict[str, Any]], seeds: list[int]) -> str:
         ok = ofa <= dl and params < 500_000
         verdict = "met" if ok else f"missed: One-for-All MSE is {ofa - dl:+.4f} ({100 * (ofa - dl) / dl:+.1f} %) against DLinear"
         notes.append(f"Goal (One-for-All MSE <= DLinear's with < 0.5 M trainable parameters; here {params:,}): **{verdict}**.")
+    if by.get("one_for_all") and by.get("lm_removed"):  # same budget, so this is what the LM trunk adds
+        gap = np.mean([r["mse"] for r in by["one_for_all"]]) - np.mean([r["mse"] for r in by["lm_removed"]])
+        notes.append(f"Same budget, trunk vs none: One-for-All minus LM-removed test MSE = {gap:+.4f}.")
     return "\n".join(lines + notes)
 
 

@@ -9,17 +9,10 @@ import torch
 
 from suite.backbones import causal_lm
 from suite.backbones.causal_lm import build_causal_lm, resolve_causal_lm, smollm2_gguf
+from tests.domains.test_forecasting_model import one_thread  # noqa: F401  (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; on shared cores a second one costs up to 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_llama_layers_width_and_seeded_rebuild():

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from suite.backbones.causal_lm import smollm2_gguf
 from suite.cli import main
+from tests.domains.test_forecasting_model import one_thread  # noqa: F401  (autouse fixture)
 from tests.notebooks import cell_outputs, run_notebook
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,14 +21,6 @@ SMALL = ["--data.init_args.generated_hours", "1344", "--data.init_args.train_win
          "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"]
 TINY = ["--model.init_args.backbone", "tiny", *SMALL]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; on shared cores a second one costs up to 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def extra(name: str) -> list[str]:
