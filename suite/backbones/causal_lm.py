@@ -77,7 +77,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Pa
     out = Path(out_dir) if out_dir is not None else backbone_cache_dir() / f"{gguf_path.stem}-{size}"
     if (out / "config.json").is_file():
         return out
-    _require("gguf", "reading GGUF checkpoints")
+    for module in ("gguf", "accelerate"):  # transformers' GGUF reader refuses to run without either
+        _require(module, "reading GGUF checkpoints")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors under %s (once; ~30 s for SmolLM2)", gguf_path, out)

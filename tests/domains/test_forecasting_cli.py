@@ -49,7 +49,7 @@ def test_yaml_fit_test_predict_and_comparison_notebook(tmp_path, monkeypatch):
 
     nb = run_notebook("forecasting.ipynb", env={"FORECAST_RUNS": os.pathsep.join(map(str, (ofa, dlinear)))})
     out = cell_outputs(nb)
-    assert "2 run folders" in out and "DLinear" in out and "One-for-All (tiny, 2 layers)" in out
+    assert "2 run folders" in out and "DLinear" in out and "One-for-All (tiny, 2 LM layers)" in out
     assert "test/mse" in out and str(preds.parent / "forecasts.png") in out
 
 
