@@ -24,20 +24,6 @@ TINY = dict(width=32, depth=1, heads=2, ffn_mult=2, energy_bins=32, max_hits=24)
 GEO = Geometry((8, 6, 6), 10.0, 7.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread_and_private_data(tmp_path_factory):
-    """Tiny models run 10x faster on one thread of a busy machine; generated data goes to a temp dir."""
-    threads, data = torch.get_num_threads(), os.environ.get("SUITE_DATA_DIR")
-    torch.set_num_threads(1)
-    os.environ["SUITE_DATA_DIR"] = str(tmp_path_factory.mktemp("calo_data"))
-    yield
-    torch.set_num_threads(threads)
-    if data is None:
-        os.environ.pop("SUITE_DATA_DIR")
-    else:
-        os.environ["SUITE_DATA_DIR"] = data
-
-
 def _batch(classes: list[str], per_class: int = 3, seed: int = 0) -> dict:
     items = []
     for i, cls in enumerate(classes):

@@ -10,7 +10,6 @@ import pytest
 
 from suite.backbones.causal_lm import smollm2_gguf
 from suite.cli import main
-from tests.domains.test_forecasting_model import one_thread  # noqa: F401  (autouse fixture)
 from tests.notebooks import cell_outputs, run_notebook
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -21,15 +21,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 D = 64  # tiny Llama width
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread; on shared cores a second one costs up to 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> OneForAll:
     return OneForAll(**{"lookback": 96, "horizon": 24, "backbone": "tiny", "num_layers": 2, **kw})
 
