@@ -79,7 +79,7 @@ def saved_bytes(model: Any, out: Path) -> int:
     from suite.adapters import save_adapters
 
     if model.adapter is not None:
-        return (save_adapters(model, out) / "adapter_model.safetensors").stat().st_size
+        return (save_adapters(model, out) / "adapters.safetensors").stat().st_size
     out.mkdir(parents=True, exist_ok=True)
     state = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(state, str(out / "trainable.safetensors"))

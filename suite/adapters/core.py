@@ -14,8 +14,9 @@ from torch import nn
 
 from .base import AdapterLayer, AdapterSpec, adapter_layers, matches_any
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+# deliberately not PEFT's file names: this format holds every method, PEFT's only the LoRA family
+CONFIG_NAME = "adapters.json"
+WEIGHTS_NAME = "adapters.safetensors"
 FORMAT = "suite-adapters/1"
 
 #: ``model.<_RECORD>`` lists every spec injected into a model, in order, with its layers
@@ -203,7 +204,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapters(model: nn.Module, path: str | Path) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (adapter state only)."""
+    """Write ``adapters.safetensors`` and ``adapters.json`` (adapter state only; see :func:`export_peft` for PEFT's format)."""
     record = getattr(model, _RECORD, None)
     if not record:
         raise ValueError("the model has no injected adapters to save; call suite.adapters.inject first")

@@ -54,7 +54,7 @@ def test_saved_state_holds_only_adapters(tmp_path):
     m = _mlp()
     inject(m, CGLoRA(r=2, shift=True, targets=["0"], modules_to_save=["2"]))
     save_adapters(m, tmp_path)
-    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    keys = set(load_file(str(tmp_path / "adapters.safetensors")))
     assert keys == {"0.lora.A", "0.lora.B", "0.lora.A0", "0.lora.B0", "0.initialised", "2.weight", "2.bias"}
 
 

@@ -149,7 +149,7 @@ def test_short_fit_beats_the_mean_forecast_and_checkpoint_round_trips(tiny_data,
         torch.testing.assert_close(back(x), m(x))
 
     adapters = save_adapters(m, tmp_path / "adapters")
-    size = (adapters / "adapter_model.safetensors").stat().st_size
+    size = (adapters / "adapters.safetensors").stat().st_size
     assert 4 * m.report.trainable < size < 4 * m.report.trainable + 8192  # fp32 tensors + a small header
     fresh = tiny(init_from=str(adapters))
     fresh.eval()
@@ -172,7 +172,7 @@ def test_smollm2_one_for_all_at_etth1_shapes(tmp_path):
     assert "SmolLM2-135M-Instruct" in m.trunk_source
     P, d = 42, 576
     assert m.report.trainable == (16 * d + d) + 16 * (P + d) + 16 * (P * d + 96) == 408_288
-    size = (save_adapters(m, tmp_path) / "adapter_model.safetensors").stat().st_size
+    size = (save_adapters(m, tmp_path) / "adapters.safetensors").stat().st_size
     assert 1.6e6 < size < 1.7e6
     torch.nn.init.normal_(m.head.lora.B, std=0.01)
     y = m(torch.randn(1, 336, 2))
