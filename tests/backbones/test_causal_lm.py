@@ -9,10 +9,8 @@ import torch
 
 from suite.backbones import causal_lm
 from suite.backbones.causal_lm import build_causal_lm, resolve_causal_lm, smollm2_gguf
-from tests.domains.test_forecasting_model import one_thread  # noqa: F401  (autouse fixture)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 
 def test_tiny_llama_layers_width_and_seeded_rebuild():
