@@ -186,3 +186,8 @@ def test_postprocess_recovers_instances_from_perfect_outputs():
     np.testing.assert_array_equal(pred_types[inst == 3], 3)
     # flat h/v maps (an untrained head): components, not an error
     assert hovernet_instances(logits, np.zeros((2, 64, 64), np.float32)).max() == 3
+    # BGMR's boundary joined to the border (postprocess.use_boundary): the true contours keep 4 nuclei
+    from skimage.segmentation import find_boundaries
+
+    with_boundary = hovernet_instances(logits, hover_maps(inst), find_boundaries(inst, mode="inner").astype(np.float32))
+    assert len(np.unique(with_boundary[with_boundary > 0])) == 4
