@@ -19,6 +19,7 @@ PanNuke reader serves both.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,6 +346,8 @@ class NucleiData(SuiteDataModule):
         else:
             self._setup_consep()
         if "test" not in self.splits:
+            warnings.warn(f"data.path has no 'test' split ({sorted(self.path)}): `test` scores the validation split",
+                          stacklevel=2)
             self.splits["test"] = self.splits["val"]
             self.record_split("test", self.splits["val"].ids)
 
