@@ -8,8 +8,11 @@ Fine-Grained Refinement" (arXiv 2603.28027):
         ──> decoder: x2 upsampling stages with skip features of a light conv stem on the tile
             (by default down to 128 px; the output maps are upsampled to the tile)
         ──> HoVer-Net heads: nuclear pixel (2), h/v distance (2), type (C + 1)
-        ──> BGMR: boundary head (1), supervised by instance contours, refines the nuclear-pixel
-            logits (and, optionally, the watershed border)
+        ──> BGMR: boundary head (1) at the decoder's resolution, supervised by instance contours
+            max-pooled to that grid, refines the nuclear-pixel logits (and, optionally, the
+            watershed border). Supervising a half-resolution map with 1-px contours at full
+            resolution (bilinear upsampling in between) cost bPQ and doubled the spread over
+            seeds; see benchmarks/results/nuclei.md
         ──> MONAI HoVer-Net watershed ──> instance map + class per nucleus (postprocess.py)
 
 Each of MALA (``adapter``), HMF (``hmf``) and BGMR (``bgmr``) is a YAML switch; ``adapter`` also
@@ -208,7 +211,8 @@ class NucleiSAM(AdaptedModule):
         return self.hmf(levels + [neck], neck.mean(dim=(2, 3)))
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
-        """Raw 0-255 RGB (B, 3, H, W) -> logits: np (2), hv (2), nc (C + 1), boundary (1) if BGMR."""
+        """Raw 0-255 RGB (B, 3, H, W) -> logits: np (2), hv (2), nc (C + 1) at (H, W); boundary (1) at
+        the decoder's resolution if BGMR."""
         x = (image - self.pixel_mean) / self.pixel_std
         feats = self.decoder(self.encode(x), x)
         out = {"nucleus_prediction": self.np_head(feats), "horizontal_vertical": self.hv_head(feats),
@@ -218,8 +222,10 @@ class NucleiSAM(AdaptedModule):
             coarse = out["nucleus_prediction"]
             out["nucleus_prediction"] = coarse + self.refine(torch.cat([coarse, boundary.sigmoid(), feats], 1))
             out["boundary"] = boundary
-        if feats.shape[-1] != image.shape[-1]:  # output_stride 2: maps are upsampled to the tile
-            out = {k: F.interpolate(v, size=image.shape[-2:], mode="bilinear", align_corners=False) for k, v in out.items()}
+        if feats.shape[-1] != image.shape[-1]:  # output_stride 2: HoVer-Net maps are upsampled to the tile;
+            # the boundary map stays at decoder resolution, where a 1-px contour can be represented
+            out = {k: v if k == "boundary" else F.interpolate(v, size=image.shape[-2:], mode="bilinear", align_corners=False)
+                   for k, v in out.items()}
         return out
 
     # --- training -------------------------------------------------------------------------
@@ -242,8 +248,9 @@ class NucleiSAM(AdaptedModule):
             "type_prediction": F.one_hot(batch["type_map"], self.num_types + 1).permute(0, 3, 1, 2).float(),
         }
         losses = {"hovernet": self.hovernet_loss({k: out[k] for k in target}, target)}
-        if self.use_bgmr:
-            losses["boundary"] = self.boundary_loss(out["boundary"], batch["boundary"][:, None])
+        if self.use_bgmr:  # contours pooled to the boundary map's resolution (a cell is on it if any pixel is)
+            stride = batch["boundary"].shape[-1] // out["boundary"].shape[-1]
+            losses["boundary"] = self.boundary_loss(out["boundary"], F.max_pool2d(batch["boundary"][:, None], stride))
         losses["loss"] = losses["hovernet"] + self.boundary_weight * losses.get("boundary", 0.0)
         return losses
 
@@ -256,8 +263,11 @@ class NucleiSAM(AdaptedModule):
         torch.set_num_threads(1)  # MONAI's small filters run 10x slower multi-threaded on a busy CPU
         try:
             for b in range(out["nucleus_prediction"].shape[0]):
-                use = self.use_bgmr and self.post_config.use_boundary
-                boundary = out["boundary"][b, 0].sigmoid().float().cpu().numpy() if use else None
+                boundary = None
+                if self.use_bgmr and self.post_config.use_boundary:
+                    size = out["nucleus_prediction"].shape[-2:]
+                    up = F.interpolate(out["boundary"][b : b + 1].float(), size=size, mode="bilinear", align_corners=False)
+                    boundary = up[0, 0].sigmoid().cpu().numpy()
                 inst = hovernet_instances(out["nucleus_prediction"][b].float().cpu().numpy(),
                                           out["horizontal_vertical"][b].float().cpu().numpy(), boundary, self.post_config)
                 results.append((inst, instance_types(inst, out["type_prediction"][b].float().cpu().numpy())))

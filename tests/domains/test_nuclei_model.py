@@ -167,6 +167,26 @@ def test_switches(kw, adapted, has_boundary):
     assert torch.isfinite(losses["loss"]) and ("boundary" in losses) == has_boundary
 
 
+def test_boundary_map_stays_at_decoder_resolution_with_pooled_contours():
+    """output_stride 2: HoVer-Net maps are upsampled to the tile, the boundary map is not; its
+    target is the contour map max-pooled to that grid, so a 1-px contour still lands on it."""
+    model = NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16, adapter=None, hmf=False, bgmr=True,
+                      output_stride=2, postprocess={"use_boundary": True})
+    x = torch.rand(2, 3, 64, 64) * 255
+    out = model(x)
+    assert out["nucleus_prediction"].shape == (2, 2, 64, 64) and out["boundary"].shape == (2, 1, 32, 32)
+    contour = torch.zeros(2, 64, 64)
+    contour[:, 11, 10:30] = 1  # odd row: bilinear downsampling to 32 px would halve it
+    batch = {"image": x, "inst_map": torch.zeros(2, 64, 64, dtype=torch.long),
+             "type_map": torch.zeros(2, 64, 64, dtype=torch.long), "hv": torch.zeros(2, 2, 64, 64), "boundary": contour}
+    with torch.no_grad():
+        losses = model.compute_losses(batch)
+        pooled = torch.zeros(2, 1, 32, 32)
+        pooled[:, 0, 5, 5:15] = 1
+        torch.testing.assert_close(losses["boundary"], model.boundary_loss(model(x)["boundary"], pooled))
+        instances = model.predict_instances(out)  # the watershed reads the boundary upsampled to the tile
+    assert len(instances) == 2 and instances[0][0].shape == (64, 64)
+
 def test_postprocess_recovers_instances_from_perfect_outputs():
     from domains.nuclei.data import hover_maps
     from domains.nuclei.metrics import panoptic_quality
