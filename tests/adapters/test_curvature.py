@@ -172,3 +172,36 @@ def test_bad_calibration_fails_clearly():
     with pytest.raises(ValueError, match="damping must be > 0"):
         CGLoRA(damping=0, targets=["x"])
     assert m.fc1._calib is None, "recording state is dropped after an error"
+
+
+def _calibrate_rank(rank: int, base: MLP, batches, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    try:
+        m = copy.deepcopy(base)
+        inject(m, CGLoRA(r=2, calibration_batches=2, targets=["fc1", "fc2"]))
+        init_adapters(m, [batches[rank]], _loss(m))
+        torch.save({n: (l.lora.B @ l.lora.A).detach() for n, l in adapter_layers(m)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_one_batch_each_match_one_process_with_both(tmp_path):
+    """Under DDP each rank calibrates on its own shard; the statistics are all-reduced, so both
+    ranks start from the same adapter, the one a single process computes from both batches.
+    Compared as B @ A (sign-free); fp32 sums in a different order: rtol 1e-4."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    base, batches = MLP(), _batches(2)
+    mp.start_processes(_calibrate_rank, args=(base, batches, str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    single = copy.deepcopy(base)
+    inject(single, CGLoRA(r=2, calibration_batches=2, targets=["fc1", "fc2"]))
+    init_adapters(single, batches, _loss(single))
+    for name, layer in adapter_layers(single):
+        assert torch.equal(ranks[0][name], ranks[1][name])
+        torch.testing.assert_close(ranks[0][name], (layer.lora.B @ layer.lora.A).detach(), rtol=1e-4, atol=1e-7)
+        assert ranks[0][name].abs().max() > 0
