@@ -3,7 +3,7 @@
 An :class:`AdapterSpec` is a small dataclass that says *which* layers to adapt and *how*;
 ``spec.wrap(name, layer)`` returns an :class:`AdapterLayer` that owns the frozen
 ``base_layer`` and adds a delta. Everything generic (matching names, freezing, saving,
-merging) is written once in ``suite/adapters/__init__.py`` against this contract, so a new
+merging) is written once in ``suite/adapters/core.py`` against this contract, so a new
 method is one file with a spec and a layer.
 """
 

@@ -24,7 +24,7 @@ _RECORD = "_suite_adapters"
 
 
 class AdapterLoadError(RuntimeError):
-    """Saved adapter state does not fit the model; the message lists every offending key."""
+    """Saved adapter state does not fit the model; the message counts the offending keys of each kind and names up to 20."""
 
 
 @dataclass
@@ -104,8 +104,8 @@ def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
     """Wrap every layer that ``spec`` selects, freeze everything else, return the report.
 
     Layers inside an existing adapter (its ``base_layer``) are not re-wrapped. Parameters of
-    ``spec.modules_to_save`` stay trainable. Earlier adapters keep their trainable state, so
-    specs can be stacked (e.g. LoRA on attention after an expert bank).
+    ``spec.modules_to_save`` stay trainable. Adapter parameters of earlier injections stay
+    trainable too, so specs can be stacked (e.g. LoRA on attention after an expert bank).
     """
     if not spec.targets:
         raise ValueError(f"{type(spec).__name__}.targets is empty: name the layers to adapt")
@@ -125,14 +125,12 @@ def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
             f"{type(spec).__name__}(targets={spec.targets}, exclude={spec.exclude}) matched no module. "
             f"Some candidates: {candidates[:12]}"
         )
-    previously_trainable = {id(p) for _, layer in adapter_layers(model) for p in _adapter_parameters(layer)}
     for name, mod in selected:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, spec.wrap(name, mod).train(mod.training))  # new dropout etc. follow the model's mode
-    for p in model.parameters():
-        p.requires_grad_(id(p) in previously_trainable)
-    for _, layer in adapter_layers(model):
+    model.requires_grad_(False)
+    for _, layer in adapter_layers(model):  # earlier and new adapter layers alike
         for p in _adapter_parameters(layer):
             p.requires_grad_(True)
     for name, mod in model.named_modules():
@@ -219,7 +217,7 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
 def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> AdapterReport:
     """Load adapters saved by :func:`save_adapters`, injecting them first if the model has none.
 
-    Raises :class:`AdapterLoadError` naming every missing, unexpected and mis-shaped key.
+    Raises :class:`AdapterLoadError` counting the missing, unexpected and mis-shaped keys (naming up to 20 of each).
     """
     path = Path(path)
     cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -230,8 +228,12 @@ def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> Ad
     if cfg.get("format") != FORMAT:
         raise AdapterLoadError(f"{cfg_file}: field 'format' is {cfg.get('format')!r}, expected {FORMAT!r}")
     if not getattr(model, _RECORD, None):
-        for entry in cfg["adapters"]:
-            inject(model, spec_from_dict(entry["spec"]))
+        for i, entry in enumerate(cfg["adapters"]):
+            try:
+                spec = spec_from_dict(entry["spec"])
+            except (ValueError, TypeError) as err:  # unknown method (its module not imported) or fields
+                raise AdapterLoadError(f"{cfg_file}: field 'adapters[{i}].spec': {err}") from err
+            inject(model, spec)
     saved = load_file(str(weights_file))
     own = adapter_state_dict(model)
     missing = sorted(set(own) - set(saved))

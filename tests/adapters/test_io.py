@@ -46,6 +46,10 @@ def test_load_reports_every_mismatch(tmp_path):
     assert "unexpected (2): 2.lora.A, 2.lora.B" in msg
     with pytest.raises(FileNotFoundError, match="expected a folder written by suite.adapters.save_adapters"):
         load_adapters(_mlp(), tmp_path / "nowhere")
+    cfg = tmp_path / "adapters.json"
+    cfg.write_text(cfg.read_text().replace('"method": "lora"', '"method": "not_a_method"'))
+    with pytest.raises(AdapterLoadError, match=r"adapters.json: field 'adapters\[0\].spec': unknown adapter method 'not_a_method'"):
+        load_adapters(_mlp(), tmp_path)
 
 
 def test_saved_state_holds_only_adapters(tmp_path):
