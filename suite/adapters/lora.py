@@ -346,9 +346,6 @@ class LoRALinear(LoRALayer):
 
     supports_dora = True
 
-    def __init__(self, base_layer: nn.Linear, spec: LoRA, name: str = "") -> None:
-        super().__init__(base_layer, spec, name)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
@@ -491,10 +488,10 @@ class LoRAMultiheadAttention(AdapterLayer):
         if self.merged:
             return self.base_layer(*args, **kwargs)
         b = self.base_layer
-        weights = {
-            "in_proj_weight": b.in_proj_weight + self.lora_in.delta().to(b.in_proj_weight.dtype),
-            "out_proj.weight": b.out_proj.weight + self.lora_out.delta().to(b.out_proj.weight.dtype),
-        }
+        weights = {}
+        for key, delta in self.deltas().items():
+            w = b.get_parameter(key)
+            weights[key] = w + delta.to(w.dtype)
         return torch.func.functional_call(b, weights, args, kwargs)
 
     def deltas(self) -> dict[str, torch.Tensor]:
@@ -503,18 +500,17 @@ class LoRAMultiheadAttention(AdapterLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            return
-        for key, delta in self.deltas().items():
-            p = self.base_layer.get_parameter(key)
-            p.add_(delta.to(p.dtype))
-        self.merged = True
+        if not self.merged:
+            self._add_deltas(1.0)
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            return
+        if self.merged:
+            self._add_deltas(-1.0)
+            self.merged = False
+
+    def _add_deltas(self, sign: float) -> None:
         for key, delta in self.deltas().items():
             p = self.base_layer.get_parameter(key)
-            p.sub_(delta.to(p.dtype))
-        self.merged = False
+            p.add_(delta.to(p.dtype), alpha=sign)
