@@ -355,6 +355,8 @@ class MoE(AdapterSpec):
             raise ValueError(f"MoE needs r >= 1 and num_experts >= 1, got r={self.r}, num_experts={self.num_experts}")
         if self.router == "label" and (self.labels is None or len(self.labels) != self.num_experts):
             raise ValueError(f"MoE(router='label') needs `labels` with one label per expert ({self.num_experts}), got {self.labels}")
+        if self.router != "label" and self.labels is not None:
+            raise ValueError(f"MoE.labels are for router='label'; router={self.router!r} would ignore labels={self.labels}")
 
     def wrap(self, name: str, layer: nn.Module) -> AdapterLayer:
         if isinstance(layer, nn.Linear):
@@ -375,9 +377,7 @@ class MoELinear(AdapterLayer):
         d_out, d_in = base_layer.weight.shape
         w = base_layer.weight
         experts = [LowRankExpert(d_in, d_out, spec.r).to(w.device, w.dtype) for _ in range(spec.num_experts)]
-        self.moe = MixtureOfExperts(
-            experts, d_in, router=spec.router, top_k=spec.top_k, labels=spec.labels if spec.router == "label" else None
-        )
+        self.moe = MixtureOfExperts(experts, d_in, router=spec.router, top_k=spec.top_k, labels=spec.labels)
         self.route: Sequence[str] | torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

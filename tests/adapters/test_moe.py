@@ -139,6 +139,8 @@ def test_bad_labels_and_extensions_fail_clearly() -> None:
         bank(torch.randn(1, 2, DIM))
     with pytest.raises(ValueError, match="same number of experts"):
         MixtureOfExperts([FeedForward(DIM, 4)] * 3, DIM, router="label", labels=["W", "W", "Ta"])
+    with pytest.raises(ValueError, match="labels are for router='label'"):
+        MoE(num_experts=2, labels=["a", "b"], targets=["0"])  # a learned router would ignore them
 
 
 def test_moe_adapter_spec_injects_saves_and_loads(tmp_path) -> None:
