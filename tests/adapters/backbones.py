@@ -102,7 +102,8 @@ def train_steps(model: nn.Module, bb: Backbone, x: Any, steps: int = 3, lr: floa
     model.train()
     for _ in range(steps):
         loss = bb.run(model, x).float().pow(2).mean()
-        aux = [m.aux_loss() for m in model.modules() if hasattr(m, "aux_loss") and m.aux_loss() is not None]
+        # read each aux_loss() once: MixtureOfExperts hands its balance loss out a single time
+        aux = [a for m in model.modules() if hasattr(m, "aux_loss") and (a := m.aux_loss()) is not None]
         loss = loss + 0.01 * sum(aux) if aux else loss
         opt.zero_grad()
         loss.backward()

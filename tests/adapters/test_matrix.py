@@ -172,7 +172,7 @@ def test_export_peft(method, bb_name, tmp_path):
     mha = [layer for _, layer in adapter_layers(trained) if isinstance(layer, LoRAMultiheadAttention)]
     if mha:
         # PEFT 0.21.2's MultiheadAttention LoRA adds the out_proj delta twice in every forward
-        # (huggingface/peft PR 3774); the exported tensors are ours (checked in test_export.py),
+        # (huggingface/peft PR 3774); the exported tensors are ours (checked in test_lora.py),
         # so compare with our model carrying 2 * dW_out.
         reference = copy.deepcopy(trained)
         for _, layer in adapter_layers(reference):
