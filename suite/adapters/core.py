@@ -214,8 +214,31 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
+#: spec fields a saved adapter may differ in from the model's: layer selection is checked through
+#: the tensor keys, and dropout acts in training only
+_LOAD_FREE_FIELDS = frozenset({"targets", "exclude", "modules_to_save", "dropout"})
+
+
+def _check_saved_specs(cfg_file: Path, ours: list[dict], theirs: list[dict], strict: bool) -> None:
+    """The model already has adapters: the saved ones must be the same methods with the same
+    hyperparameters (alpha, rslora, top_k, ...), or the loaded tensors would compute something else."""
+    if strict and len(ours) != len(theirs):
+        raise AdapterLoadError(
+            f"{cfg_file}: field 'adapters' holds {len(theirs)} adapter(s) ({[t['method'] for t in theirs]}), "
+            f"the model has {len(ours)} ({[o['method'] for o in ours]})"
+        )
+    for i, (own, saved) in enumerate(zip(ours, theirs)):
+        diff = [f"{k}: saved {saved.get(k)!r}, model {own.get(k)!r}" for k in sorted((set(own) | set(saved)) - _LOAD_FREE_FIELDS)
+                if saved.get(k) != own.get(k)]
+        if diff:
+            raise AdapterLoadError(f"{cfg_file}: field 'adapters[{i}].spec' does not match the model's adapter: " + "; ".join(diff))
+
+
 def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> AdapterReport:
     """Load adapters saved by :func:`save_adapters`, injecting them first if the model has none.
+
+    A model that already has adapters must have the saved methods with the same hyperparameters
+    (all spec fields but the layer selection and dropout).
 
     Raises :class:`AdapterLoadError` counting the missing, unexpected and mis-shaped keys (naming up to 20 of each).
     """
@@ -227,7 +250,8 @@ def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> Ad
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("format") != FORMAT:
         raise AdapterLoadError(f"{cfg_file}: field 'format' is {cfg.get('format')!r}, expected {FORMAT!r}")
-    if not getattr(model, _RECORD, None):
+    injected_here = not getattr(model, _RECORD, None)
+    if injected_here:
         for i, entry in enumerate(cfg["adapters"]):
             try:
                 spec = spec_from_dict(entry["spec"])
@@ -249,6 +273,8 @@ def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> Ad
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
         raise AdapterLoadError("\n".join(lines))
+    if not injected_here:  # the tensors fit; the hyperparameters that use them must match too
+        _check_saved_specs(cfg_file, [r["spec"] for r in getattr(model, _RECORD)], [e["spec"] for e in cfg["adapters"]], strict)
     result = model.load_state_dict({k: saved[k] for k in own if k in saved}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     return parameter_report(model, "+".join(e["spec"]["method"] for e in cfg["adapters"]))

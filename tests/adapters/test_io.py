@@ -117,3 +117,19 @@ def test_router_balance_loss_is_logged(tmp_path):
     trainer = _fit(model, tmp_path, steps=2)
     aux = trainer.logged_metrics["train/aux"]
     assert torch.isfinite(aux) and aux >= 6.0 - 1e-4, "sum over 6 layers of Switch losses (each >= 1)"
+
+
+def test_loading_into_adapters_with_other_hyperparameters_fails(tmp_path):
+    """Same tensor shapes, different scaling: loading would silently compute another function."""
+    a = _mlp()
+    inject(a, LoRA(r=2, alpha=4, targets=["0"]))
+    save_adapters(a, tmp_path)
+    b = _mlp()
+    inject(b, LoRA(r=2, alpha=8, rslora=True, dropout=0.1, targets=["0"]))
+    with pytest.raises(AdapterLoadError, match=r"adapters.json: field 'adapters\[0\].spec' does not match the model's "
+                       r"adapter: alpha: saved 4(\.0)?, model 8(\.0)?; rslora: saved False, model True$"):
+        load_adapters(b, tmp_path)
+    c = _mlp()
+    inject(c, LoRA(r=2, alpha=4, dropout=0.1, targets=["0"]))  # dropout acts in training only
+    load_adapters(c, tmp_path)
+    torch.testing.assert_close(c.eval()(torch.ones(3, 8)), a.eval()(torch.ones(3, 8)))
