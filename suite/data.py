@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -33,16 +34,28 @@ def generated_dir(name: str) -> Path:
 def cached(path: str | Path, build: Callable[[Path], None]) -> Path:
     """Return ``path``, building it first with ``build(tmp_path)`` if it does not exist.
 
-    The build writes to a temporary sibling that is renamed into place, so an interrupted
-    generator never leaves a half-written cache that later runs would trust.
+    The build writes to a temporary sibling (a file or a folder) that is renamed into place, so an
+    interrupted generator never leaves a half-written cache that later runs would trust; the
+    temporary is removed if the build fails. When several processes (DDP ranks) build the same
+    cache at once, the first rename wins and the others keep it.
     """
     path = Path(path)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    build(tmp)
-    os.replace(tmp, path)
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # a folder cannot replace a non-empty one: another process finished first
+            if not path.exists():
+                raise
+    finally:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -100,8 +113,9 @@ class EpochSeededSampler(Sampler[int]):
     """A shuffling sampler whose order is a function of ``(seed, epoch)`` only.
 
     Lightning calls ``set_epoch`` every epoch, so a run resumed from a checkpoint draws the same
-    batches as an uninterrupted one. Under DDP, use Lightning's DistributedSampler instead
-    (it is also seeded by epoch); Lightning swaps it in automatically.
+    batches as an uninterrupted one. Under DDP, Lightning wraps it in a
+    ``DistributedSamplerWrapper``, which forwards ``set_epoch`` and gives each rank its share of
+    this same order.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:

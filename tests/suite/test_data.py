@@ -80,3 +80,26 @@ def test_epoch_seeded_sampler_order_is_a_function_of_seed_and_epoch() -> None:
     t.set_epoch(3)
     assert list(t) != first
     assert list(EpochSeededSampler(5, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_cached_removes_a_failed_build_and_keeps_a_folder_another_process_finished_first(tmp_path: Path) -> None:
+    def broken(path: Path) -> None:
+        path.mkdir()
+        (path / "half.npy").write_text("half")
+        raise RuntimeError("generator failed")
+
+    with pytest.raises(RuntimeError, match="generator failed"):
+        cached(tmp_path / "gen" / "broken", broken)
+    assert list((tmp_path / "gen").iterdir()) == []  # no temporary folder left behind
+
+    target = tmp_path / "gen" / "set"
+
+    def racing(path: Path) -> None:  # another rank renames its finished folder into place meanwhile
+        target.mkdir()
+        (target / "first.txt").write_text("first")
+        path.mkdir()
+        (path / "second.txt").write_text("second")
+
+    assert cached(target, racing) == target
+    assert [p.name for p in target.iterdir()] == ["first.txt"]
+    assert [p.name for p in (tmp_path / "gen").iterdir()] == ["set"]
