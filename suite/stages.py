@@ -44,12 +44,17 @@ def run_stages(spec_path: str | Path, only: list[str] | None = None, extra_args:
     names = [s.get("name") for s in spec["stages"]]
     if None in names or len(set(names)) != len(names):
         raise ValueError(f"{spec_path}: every stage needs a unique 'name', got {names}")
+    if only and set(only) - set(names):
+        raise ValueError(f"{spec_path}: --only names unknown stages {sorted(set(only) - set(names))}; stages are {names}")
+    for i, stage in enumerate(spec["stages"]):  # all checked before the first (long) fit runs
+        unknown = set(stage) - {"name", "configs", "init_from", "args", "test"}
+        if unknown:
+            raise ValueError(f"{spec_path}: stage {stage['name']!r} has unknown fields {sorted(unknown)}")
+        if stage.get("init_from") and stage["init_from"] not in names[:i]:
+            raise ValueError(f"{spec_path}: stage {stage['name']!r} starts from {stage['init_from']!r}, which is not an earlier stage")
     results: dict[str, Any] = {}
     for stage in spec["stages"]:
         name = stage["name"]
-        unknown = set(stage) - {"name", "configs", "init_from", "args", "test"}
-        if unknown:
-            raise ValueError(f"{spec_path}: stage {name!r} has unknown fields {sorted(unknown)}")
         ckpt = stage_checkpoint(root, name)
         if only and name not in only:
             results[name] = {"checkpoint": str(ckpt), "skipped": True}
@@ -59,8 +64,6 @@ def run_stages(spec_path: str | Path, only: list[str] | None = None, extra_args:
             args += ["--config", cfg]
         args += ["--trainer.default_root_dir", str(root / name)]
         if stage.get("init_from"):
-            if stage["init_from"] not in names[: names.index(name)]:
-                raise ValueError(f"{spec_path}: stage {name!r} starts from {stage['init_from']!r}, which is not an earlier stage")
             prev = stage_checkpoint(root, stage["init_from"])
             if not prev.exists():
                 raise FileNotFoundError(f"stage {name!r} needs {prev}; run stage {stage['init_from']!r} first")
@@ -69,8 +72,7 @@ def run_stages(spec_path: str | Path, only: list[str] | None = None, extra_args:
         cli = cli_main(args)
         results[name] = {"checkpoint": str(ckpt)}
         if stage.get("test"):
-            test_args = ["test" if a == "fit" else a for a in args]
-            out = cli_main(test_args + ["--ckpt_path", str(ckpt)])
+            out = cli_main(["test", *args[1:], "--ckpt_path", str(ckpt)])
             results[name]["test"] = {k: float(v) for k, v in out.trainer.callback_metrics.items()}
         del cli
     summary = root / "stages.json"

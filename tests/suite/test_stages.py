@@ -46,3 +46,11 @@ def test_stage_errors_name_the_problem(tmp_path: Path) -> None:
         run_stages(_write(tmp_path, [{"name": "a", "init_from": "b"}, {"name": "b"}]))
     with pytest.raises(ValueError, match="unknown fields"):
         run_stages(_write(tmp_path, [{"name": "a", "epochs": 3}]))
+
+
+def test_every_stage_is_checked_before_the_first_one_runs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="stage 'b' has unknown fields"):
+        run_stages(_write(tmp_path, [{"name": "a"}, {"name": "b", "epochs": 3}]))
+    assert not (tmp_path / "runs").exists()  # stage 'a' did not train first
+    with pytest.raises(ValueError, match=r"--only names unknown stages \['c'\]"):
+        run_stages(_write(tmp_path, [{"name": "a"}, {"name": "b"}]), only=["c"])
