@@ -9,6 +9,7 @@ strategy also runs inside a notebook or pytest (``start_method="fork"``).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +30,6 @@ class _ForkLauncherWithoutWeights(_MultiProcessingLauncher):
     def _collect_rank_zero_results(self, trainer: Any, results: Any) -> Any:
         out = super()._collect_rank_zero_results(trainer, results)
         if out is not None and out.weights_path is not None:
-            import shutil
-            from pathlib import Path
-
             shutil.rmtree(Path(out.weights_path).parent, ignore_errors=True)
             out = out._replace(weights_path=None)
         return out
