@@ -155,6 +155,9 @@ class NucleiSAM(AdaptedModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(adapter=adapter, **kwargs)
+        if checkpoint is not None and encoder:
+            raise ValueError(f"model.init_args.encoder shapes the random encoder; the shape of checkpoint {checkpoint} "
+                             "is read off its tensors: set one of the two")
         with self.seeded():
             config = SamEncoderConfig(img_size=img_size, **(encoder or {})) if checkpoint is None else None
             self.backbone, self.encoder_config = sam_image_encoder(checkpoint, config, img_size)

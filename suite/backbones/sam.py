@@ -178,6 +178,8 @@ def sam_image_encoder(
 
     Returns the module and the configuration it was built with.
     """
+    if checkpoint is not None and config is not None:
+        raise ValueError(f"give a SAM checkpoint or an encoder config, not both: the shape of {checkpoint} is read off its tensors")
     if checkpoint is None:
         config = config or SamEncoderConfig(img_size=img_size)
         return build_sam_encoder(config), config
