@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from suite.adapters import AdapterSpec, parameter_report
-from suite.backbones.point import PointEncoder, PointEncoderConfig, encoder_state_from_checkpoint, load_encoder_state
+from suite.backbones.point import LoadReport, PointEncoder, PointEncoderConfig, load_point_mae
 from suite.callbacks import EMATeacher
 from suite.module import AdaptedModule
 
@@ -122,20 +122,14 @@ class PointCloudClassifier(AdaptedModule):
         self.val_acc, self.test_acc = MulticlassAccuracy(num_classes, average="micro"), MulticlassAccuracy(num_classes, average="micro")
 
     # --- building -------------------------------------------------------------------------------
-    def _load_pretrained(self, init_from: str, cfg: PointEncoderConfig) -> Any:
+    def _load_pretrained(self, init_from: str, cfg: PointEncoderConfig) -> LoadReport:
         if init_from == "foundation":
             path = foundation_checkpoint(replace(cfg, num_prompts=0, drop_path_rate=0.0))
         else:
             path = Path(init_from)
             if not path.is_file():
                 raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint (use 'foundation', a pretraining-stage or a Point-MAE checkpoint)")
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        stage_state = raw.get("state_dict") if isinstance(raw, dict) else None
-        if isinstance(stage_state, dict) and any(k.startswith("backbone.") for k in stage_state):
-            state = {k[len("backbone.") :]: v for k, v in stage_state.items() if k.startswith("backbone.")}
-        else:
-            state = encoder_state_from_checkpoint(raw, path)
-        return load_encoder_state(self.backbone, state, str(path))
+        return load_point_mae(self.backbone, path)  # a stage's Lightning checkpoint keeps the encoder under backbone.*
 
     def _unfreeze(self, k: int) -> None:
         blocks = self.backbone.blocks.blocks

@@ -268,8 +268,9 @@ def _init_weights(m: nn.Module) -> None:
 # --- checkpoints ------------------------------------------------------------------------------------
 #: prefixes under which the official repositories keep the encoder, in order of preference:
 #: Point-MAE pretraining (``MAE_encoder``), Point-BERT (``transformer_q``), ReCon/ACT-style wrappers
-#: (``base_model``); a fine-tuned Point-MAE checkpoint keeps the encoder at the top level.
-ENCODER_PREFIXES = ("MAE_encoder.", "transformer_q.", "base_model.")
+#: (``base_model``); a fine-tuned Point-MAE checkpoint keeps the encoder at the top level. A suite
+#: Lightning checkpoint keeps it under ``state_dict`` -> ``backbone``.
+ENCODER_PREFIXES = ("MAE_encoder.", "transformer_q.", "base_model.", "backbone.")
 #: parameters a pretraining checkpoint does not have (Point-MAE pretrains without a class token)
 OPTIONAL_KEYS = ("cls_token", "cls_pos", "prompt_tokens")
 
@@ -287,8 +288,9 @@ def encoder_state_from_checkpoint(raw: dict[str, Any], path: str | Path = "<chec
     """Extract the encoder's state dict from an official Point-MAE / Point-BERT checkpoint dict.
 
     Accepts ``{"base_model": sd}`` (the official ``save_checkpoint`` layout), ``{"model": sd}``,
-    ``{"state_dict": sd}`` or a bare state dict; strips DataParallel's ``module.`` and the first
-    encoder prefix present (``MAE_encoder.``, ``transformer_q.``, ``base_model.``).
+    ``{"state_dict": sd}`` (a Lightning checkpoint) or a bare state dict; strips DataParallel's
+    ``module.`` and the first encoder prefix present (``MAE_encoder.``, ``transformer_q.``,
+    ``base_model.``, ``backbone.``).
     """
     state = raw
     for key in ("base_model", "model", "state_dict"):
