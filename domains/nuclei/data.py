@@ -296,6 +296,8 @@ class NucleiData(SuiteDataModule):
         if source != "generated" and not path:
             raise ValueError(f"source={source!r} needs `path`: split name -> folder, e.g. {{train: ..., val: ...}}")
         self.source, self.path = source, dict(path or {})
+        if source != "generated" and not {"train", "val"} & set(self.path):
+            raise ValueError(f"data.path needs a 'train' folder (val is split off from it) or a 'val' folder, got {sorted(self.path)}")
         self.n_tiles, self.tiles_per_slide, self.tile_size = n_tiles, tiles_per_slide, tile_size
         self.generator_seed, self.augment, self.consep_types = generator_seed, augment, consep_types
         self.split_seed, self.cache_targets = split_seed, cache_targets

@@ -195,3 +195,8 @@ def test_datamodule_splits_by_slide(tmp_path, monkeypatch):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 64, 64) and batch["hv"].shape == (2, 2, 64, 64)
     assert batch["hv"].abs().max() <= 1.0 and set(batch["boundary"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_datamodule_real_source_needs_a_train_or_val_folder():
+    with pytest.raises(ValueError, match=r"data\.path needs a 'train' folder.*\['test'\]"):
+        NucleiData(source="pannuke", path={"test": "Fold 3"})

@@ -136,6 +136,8 @@ def test_nuclei_model_honours_a_sam_checkpoint(sam_checkpoint):
     torch.testing.assert_close(model.backbone.blocks[0].base_layer.attn.qkv.weight, enc.blocks[0].attn.qkv.weight)
     out = model(torch.rand(2, 3, 64, 64) * 255)
     assert out["nucleus_prediction"].shape == (2, 2, 64, 64) and out["type_prediction"].shape == (2, 6, 64, 64)
+    with pytest.raises(ValueError, match="encoder shapes the random encoder"):  # not silently ignored
+        NucleiSAM(checkpoint=str(path), encoder=TINY, img_size=64)
 
 
 @pytest.mark.parametrize(
