@@ -74,7 +74,7 @@ def run_classical() -> dict[str, float]:
     dm = NucleiData()
     dm.setup("test")
     train = dm.splits["train"]
-    counts = np.bincount(np.concatenate([np.ravel(train.targets(i)[1]) for i in range(len(train))]), minlength=6)
+    counts = np.bincount(np.concatenate([np.ravel(train.maps(i)[1]) for i in range(len(train))]), minlength=6)
     common = int(np.argmax(counts[1:]) + 1)
     metrics = NucleiMetrics()
     start = time.time()
@@ -102,11 +102,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(ROOT)
     start = time.time()
-    run_classical()  # builds the generated set once, before workers race to build it
+    classical = run_classical()  # also builds the generated set once, before workers race to build it
     jobs = [(row, seed) for row in args.rows if row != "classical" for seed in range(args.seeds)]
     results: dict[str, list[dict[str, float]]] = {row: [] for row in args.rows}
     if "classical" in args.rows:
-        results["classical"].append(run_classical())
+        results["classical"].append(classical)
     with ProcessPoolExecutor(args.workers) as pool:
         futures = {pool.submit(run_trained, row, seed, args.epochs): (row, seed) for row, seed in jobs}
         for fut, (row, seed) in futures.items():
