@@ -92,7 +92,10 @@ class ShowerTokenizer:
         k = t.clamp(1, self.n_bins)
         edges = self.edges.to(t.device)
         lo, hi = edges[k - 1], edges[k]
-        u = 0.5 * torch.ones_like(lo) if generator is None else torch.rand(lo.shape, generator=generator, dtype=torch.float64).to(lo.device)
+        if generator is None:
+            u = 0.5 * torch.ones_like(lo)
+        else:  # drawn on the generator's device (a CUDA generator cannot fill a CPU tensor), then moved
+            u = torch.rand(lo.shape, generator=generator, dtype=torch.float64, device=generator.device).to(lo.device)
         if self.spacing == "log":
             e = torch.exp(torch.log(lo) + u * (torch.log(hi) - torch.log(lo)))
         else:

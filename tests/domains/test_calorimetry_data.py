@@ -143,6 +143,15 @@ def test_detokenised_energy_lies_in_its_own_bin(spacing) -> None:
         assert torch.equal(tok.energy_tokens(d.clamp(max=1.19e5), torch.ones_like(t, dtype=torch.bool)), t)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_detokenisation_draws_with_a_generator_on_the_tokens_device() -> None:
+    """Test-time generation samples with a generator on the model's device, also inside the bins."""
+    tok = ShowerTokenizer(288, 50.0, 1.2e5, 64)
+    t = torch.randint(1, 65, (4, 10), device="cuda")
+    e = tok.energies(t, torch.Generator(device="cuda").manual_seed(0))
+    assert e.device.type == "cuda" and torch.equal(tok.energy_tokens(e, torch.ones_like(t, dtype=torch.bool)), t)
+
+
 def test_reference_detokenisation_was_one_bin_too_high() -> None:
     """FM4CAL: token = np.digitize(e, arange(e_min, e_max + res, res)) + 1 and decode
     e_min + (token - 1 + 0.5) res lands in the bin above e; ours decodes inside e's bin."""
