@@ -300,6 +300,8 @@ class CaloShowerData(SuiteDataModule):
             they carry is reported at setup).
         max_hits: longest hit sequence; showers with more hits keep their ``max_hits`` highest
             deposits, and how many showers and how much energy that cut is reported at setup.
+        splits: train/val/test shares of each class's showers (default 0.7 / 0.15 / 0.15).
+        seed: batch order, the split and the generator's random stream.
     """
 
     def __init__(

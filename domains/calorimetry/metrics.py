@@ -146,8 +146,8 @@ def compare(
     out["kl_mean"] = float(np.mean([out[k.replace("sep/", "kl/")] for k in names]))
     # the classifier sees every shower: an empty one (counted in n_empty_*) has no centroid or width,
     # and enters with 0 there, so "deposited nothing" stays visible to it rather than being dropped
-    feats = lambda o, keep: np.stack([np.nan_to_num(o[n][keep], nan=0.0) for n in OBSERVABLES], 1)  # noqa: E731
-    out["auc"] = classifier_auc(feats(obs_r, slice(None)), feats(obs_g, slice(None)))
+    feats = lambda o: np.stack([np.nan_to_num(o[n], nan=0.0) for n in OBSERVABLES], 1)  # noqa: E731
+    out["auc"] = classifier_auc(feats(obs_r), feats(obs_g))
     return out
 
 

@@ -70,8 +70,8 @@ def rebuild_stage(path: str | Path) -> "CaloShowerModel":
     known = inspect.signature(CaloShowerModel.__init__).parameters.keys() | inspect.signature(AdaptedModule.__init__).parameters.keys()
     hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in known and k not in ("self", "kwargs")}
     prev = CaloShowerModel(**hp)
-    prev.on_load_checkpoint(ckpt)  # every trainable key present, frozen-base fingerprint matches
-    prev.load_stage_checkpoint(path)
+    prev.on_load_checkpoint(ckpt)  # every trainable key present, none unknown, frozen-base fingerprint matches
+    prev.load_state_dict(ckpt["state_dict"], strict=False)  # strict=False: frozen weights are not saved
     return prev
 
 
@@ -249,8 +249,9 @@ class CaloShowerModel(AdaptedModule):
             "per_sample": (nll_s.sum(1) + nll_e.sum(1)) / (batch["n_hits"] + 1),
         }
 
-    def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        nll = self.token_nll(batch)
+    def compute_losses(self, batch: dict[str, Any], nll: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Mean NLL per space token plus mean NLL per energy token (``nll``: :meth:`token_nll` of ``batch``, if computed)."""
+        nll = self.token_nll(batch) if nll is None else nll
         space = nll["space"].sum() / nll["n_space"]
         energy = nll["energy"].sum() / nll["n_energy"].clamp_min(1)
         return {"loss": space + energy, "nll_space": space, "nll_energy": energy}
@@ -258,8 +259,7 @@ class CaloShowerModel(AdaptedModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         nll = self.token_nll(batch)
         n = len(batch["label"])
-        self.log("val/loss", nll["space"].sum() / nll["n_space"] + nll["energy"].sum() / nll["n_energy"].clamp_min(1),
-                 prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/loss", self.compute_losses(batch, nll)["loss"], prog_bar=True, batch_size=n, sync_dist=True)
         self._log_per_class("val", batch["label"], nll["per_sample"])
 
     def _log_per_class(self, split: str, labels: list[str], per_sample: torch.Tensor) -> None:
@@ -375,8 +375,7 @@ class CaloShowerModel(AdaptedModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         nll = self.token_nll(batch)
-        self.log("test/loss", nll["space"].sum() / nll["n_space"] + nll["energy"].sum() / nll["n_energy"].clamp_min(1),
-                 batch_size=len(batch["label"]), sync_dist=True)
+        self.log("test/loss", self.compute_losses(batch, nll)["loss"], batch_size=len(batch["label"]), sync_dist=True)
         self._log_per_class("test", batch["label"], nll["per_sample"])
         self._collect(batch)
 
