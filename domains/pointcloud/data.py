@@ -173,7 +173,10 @@ class PointCloudData(SuiteDataModule):
                 points, labels = z["points"], z["labels"]
             return readers.PointSet(points, labels, list(CLASSES), [f"{key}:{i}" for i in range(len(points))])
         real_split = "train" if split == "pretrain" else split
-        key = hashlib.sha256(f"{self.source}|{_listing(self.root)}|{real_split}|{self.num_points}|{self.h5_suffix}".encode()).hexdigest()[:16]
+        spec = f"{self.source}|{_listing(self.root)}|{real_split}|{self.num_points}|{self.h5_suffix}"
+        if self.source == "modelnet_off":  # the one reader that draws points at random (seeded surface sampling)
+            spec += f"|seed{self.seed}"
+        key = hashlib.sha256(spec.encode()).hexdigest()[:16]
 
         def build_real(tmp: Path) -> None:
             s = self._read_real(real_split)

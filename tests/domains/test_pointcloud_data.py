@@ -86,6 +86,16 @@ def test_modelnet_off_reader(tmp_path):
     assert (np.abs(np.abs(cube - centre) - half).min(1) < 1e-4).all()
 
 
+def test_modelnet_off_cache_follows_the_sampling_seed(tmp_path, data_dir):
+    for i in (1, 2):
+        write_off(tmp_path / "ModelNet" / "chair" / "train" / f"chair_000{i}.off", CUBE_V * i, CUBE_QUADS)
+    root = str(tmp_path / "ModelNet")
+    pools = {seed: PointCloudData(source="modelnet_off", root=root, num_points=32, seed=seed).pool("train") for seed in (0, 1, 0)}
+    assert len(list(data_dir.glob("generated/pointcloud/modelnet_off-*.npz"))) == 2  # one cache per seed
+    np.testing.assert_array_equal(pools[0].points, readers.read_modelnet_off(root, "train", 32, seed=0).points)
+    assert not np.allclose(pools[0].points, pools[1].points)  # seed 1 is not served seed 0's cached clouds
+
+
 # --- HDF5 and txt layouts -------------------------------------------------------------------------
 def _cloud_batch(n: int, p: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, p, 3)).astype(np.float32)
