@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor, nn
 
 from suite.backbones.point import PointEncoder, PointEncoderConfig, TransformerEncoder
@@ -110,12 +111,13 @@ class PointMAEPretrain(AdaptedModule):
 def foundation_checkpoint(encoder: PointEncoderConfig) -> Path:
     """``last.ckpt`` of ``pretrain.yaml`` run for this encoder shape, pretraining first if absent.
 
-    The cache key hashes the pretraining YAML and the encoder config, so changing either makes a
-    new foundation. The global RNG state is restored afterwards, so a run that had to pretrain
-    continues exactly as one that found the cache.
+    The cache key hashes the pretraining YAML's settings (parsed, so editing a comment does not
+    pretrain again) and the encoder config, so changing either makes a new foundation. The global
+    RNG state is restored afterwards, so a run that had to pretrain continues exactly as one that
+    found the cache.
     """
-    spec = PRETRAIN_YAML.read_text() + json.dumps(encoder.to_dict(), sort_keys=True)
-    key = hashlib.sha256(spec.encode()).hexdigest()[:12]
+    settings = {"pretrain": yaml.safe_load(PRETRAIN_YAML.read_text()), "encoder": encoder.to_dict()}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     folder = generated_dir("pointcloud") / f"foundation-{key}"
 
     def build(tmp: Path) -> None:

@@ -78,6 +78,23 @@ def test_foundation_is_pretrained_once_and_reused(tmp_path, data_dir, monkeypatc
     assert torch.equal(second.backbone.blocks.blocks[0].attn.qkv.weight, pre_state["backbone.blocks.blocks.0.attn.qkv.weight"])
 
 
+def test_foundation_key_follows_settings_not_comments(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "cached", lambda folder, build: folder)  # the key only, no pretraining
+    encoder = pretrain.PointEncoderConfig.coerce(TINY)
+    text = pretrain.PRETRAIN_YAML.read_text()
+
+    def key(yaml_text: str, enc=encoder) -> str:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(yaml_text)
+        monkeypatch.setattr(pretrain, "PRETRAIN_YAML", path)
+        return pretrain.foundation_checkpoint(enc).parts[-3]
+
+    base = key(text)
+    assert key("# an edited comment\n" + text) == base
+    assert key(text.replace("mask_ratio: 0.6", "mask_ratio: 0.5")) != base
+    assert key(text, pretrain.PointEncoderConfig.coerce(TINY | {"depth": 2})) != base
+
+
 @pytest.mark.slow
 def test_pretrain_then_mcft_stages_predict_and_notebook(tmp_path, data_dir):
     tiny_pre, tiny_ft = _tiny_configs(tmp_path)
