@@ -201,7 +201,10 @@ class AdaptedModule(L.LightningModule):
             from suite.adapters import init_adapters  # only methods with calibration define it
 
             init_adapters(self, self.calibration_batches(), lambda b: self.compute_losses(_to(b, self.device))["loss"])
-        self.report = parameter_report(self, self.adapter.method if self.adapter else "heads only")
+        # counted again (calibration or a subclass may have changed what trains); the label a
+        # subclass gave its report in __init__ (e.g. the fine-tuning method or the stage) is kept
+        method = self.report.method if self.report is not None else (self.adapter.method if self.adapter else "heads only")
+        self.report = parameter_report(self, method)
         rank_zero_info(
             f"Parameters: total {self.report.total:,} | trainable {self.report.trainable:,} "
             f"({self.report.percent:.3f} %) | adapted layers {len(self.report.adapted)}"

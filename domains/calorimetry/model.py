@@ -420,7 +420,6 @@ class CaloShowerModel(AdaptedModule):
     # --- reporting --------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self.report = parameter_report(self, self.stage)
         rank_zero_info(f"calorimetry stage '{self.stage}': classes {self.backbone.classes}; added so far: {self.added}")
 
     def on_fit_end(self) -> None:

@@ -110,3 +110,15 @@ def test_heads_only_when_no_adapter_is_given() -> None:
     model = ToyViT(adapter=None)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["head.weight", "head.bias"]
+
+
+def test_fit_counts_parameters_again_but_keeps_the_label_a_subclass_gave(tmp_path: Path) -> None:
+    from suite.adapters import parameter_report
+
+    model = _model(adapter=None)
+    model.report = parameter_report(model, "linear probe")  # as a fine-tuning baseline labels itself
+    model.head.requires_grad_(False)
+    model.backbone.blocks[-1].requires_grad_(True)  # what trains changes after __init__
+    _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, ToyData())
+    assert model.report.method == "linear probe"
+    assert model.report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
