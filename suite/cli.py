@@ -42,6 +42,14 @@ class SuiteCLI(LightningCLI):
             )
 
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as err:  # a value its type allows but the class refuses
+            # jsonargparse's own error path: usage and message, exit 2 (JSONARGPARSE_DEBUG=1 raises instead)
+            self.parser.error(f"the config parsed, but building its classes failed: {err}", ex=err)
+
+
 def main(args: Any = None, run: bool = True) -> SuiteCLI:
     return SuiteCLI(
         L.LightningModule,

@@ -61,6 +61,7 @@ def test_configs_compose_domain_then_trainer_then_adapter(toy_yaml: Path, tmp_pa
         (["--trainer.max_epoch", "3"], "max_epoch"),                       # unknown key
         (["--trainer.max_epochs", "many"], "max_epochs"),                 # wrong type
         (["--model.init_args.adapter.init_args.rank", "4"], "rank"),      # unknown adapter field
+        (["--model.init_args.adapter.init_args.targets", "[]"], "LoRA.targets is empty"),  # typed right, refused by the class
     ],
 )
 def test_bad_config_fails_with_a_message_naming_the_key(toy_yaml: Path, args: list[str], needle: str, capsys) -> None:
