@@ -57,7 +57,7 @@ class AdaptedModule(L.LightningModule):
         adapter: the adapter spec injected into ``self.backbone`` by :meth:`adapt`; ``None``
             freezes the backbone and trains only the heads (a linear probe).
         optimizer: built over trainable parameters only (default AdamW, lr 1e-3).
-        scheduler: optional learning-rate scheduler, stepped every optimiser step.
+        scheduler: optional learning-rate scheduler, stepped every optimiser step (``scheduler_interval``).
         aux_loss_weight: weight of the adapters' auxiliary losses (e.g. router balance).
         backbone_seed: seed for randomly initialised frozen weights, so a rebuilt module has
             the same frozen backbone the saved adapters were trained on.
@@ -176,17 +176,26 @@ class AdaptedModule(L.LightningModule):
                 "Lower the learning rate, check the inputs of this batch for NaN/inf, or use fp32."
             )
 
+    #: when ``scheduler`` steps: after every optimiser "step" or every "epoch" (a subclass may set it per instance)
+    scheduler_interval: str = "step"
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def param_groups(self) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """What the optimiser receives: the trainable parameters, or groups of them with their own
+        settings (override, e.g. a freshly initialised head at its own learning rate)."""
+        return self.trainable_parameters()
+
     def configure_optimizers(self) -> Any:
-        params = self.trainable_parameters()
+        params = self.param_groups()
         if not params:
             raise RuntimeError(f"{type(self).__name__} has no trainable parameters: check the adapter targets")
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        scheduler = {"scheduler": self.scheduler_factory(optimizer), "interval": self.scheduler_interval}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def calibration_batches(self) -> Iterable[Any] | None:
         """Batches for data-dependent adapter init (CG-LoRA); default: the training loader."""

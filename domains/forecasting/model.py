@@ -154,12 +154,6 @@ class ForecastModule(AdaptedModule):
         else:
             self.load_stage_checkpoint(path)  # torch.load(weights_only=True) inside
 
-    def configure_optimizers(self) -> Any:
-        out = super().configure_optimizers()
-        if isinstance(out, dict):
-            out["lr_scheduler"]["interval"] = self.scheduler_interval
-        return out
-
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         for name in ("lookback", "horizon"):

@@ -156,17 +156,13 @@ class PointCloudClassifier(AdaptedModule):
             return "linear probe"
         return f"MCFT (top {self.train_blocks} blocks, lambda {self.consistency_weight}, m {self.momentum})"
 
-    def configure_optimizers(self) -> Any:
+    def param_groups(self) -> list[Any]:
         if self.head_lr is None:
-            return super().configure_optimizers()
+            return super().param_groups()
         fresh = list(self.head.parameters()) + ([self.backbone.prompt_tokens] if self.backbone.cfg.num_prompts else [])
         ids = {id(p) for p in fresh}
         rest = [p for p in self.trainable_parameters() if id(p) not in ids]
-        groups = ([{"params": rest}] if rest else []) + [{"params": fresh, "lr": self.head_lr}]
-        optimizer = self.optimizer_factory(groups)
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return ([{"params": rest}] if rest else []) + [{"params": fresh, "lr": self.head_lr}]
 
     def train(self, mode: bool = True) -> "PointCloudClassifier":
         super().train(mode)

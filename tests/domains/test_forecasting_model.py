@@ -178,3 +178,10 @@ def test_smollm2_one_for_all_at_etth1_shapes(tmp_path):
     y = m(torch.randn(1, 336, 2))
     y.square().mean().backward()
     assert y.shape == (1, 96, 2) and m.patch_pos.lora.A.grad.abs().sum() > 0  # embedding LoRA: A starts at 0, B ~ N(0, 1)
+
+
+def test_scheduler_steps_per_epoch_by_default_and_per_step_on_request():
+    halve = lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5)  # noqa: E731  the reference "type1" schedule
+    for interval in ("epoch", "step"):
+        out = tiny(scheduler=halve, **({} if interval == "epoch" else {"scheduler_interval": "step"})).configure_optimizers()
+        assert out["lr_scheduler"]["interval"] == interval
