@@ -38,28 +38,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
-from suite.adapters import AdapterSpec, LoRA, LoRALinear, adapter_layers, load_adapters
+from suite.adapters import AdapterSpec, LoRA, load_adapters
 from suite.backbones.causal_lm import build_causal_lm
 from suite.module import AdaptedModule
 
 
 def one_for_all_adapter(r: int = 16, alpha: float = 16.0) -> LoRA:
-    """The paper's adapter: rank-16 rsLoRA on the position table and the head; patch embedding trains."""
-    return LoRA(r=r, alpha=alpha, rslora=True, targets=["patch_pos", "wpe", "head"], modules_to_save=["patch_embed"])
-
-
-@torch.no_grad()
-def gaussian_lora_init(model: nn.Module) -> int:
-    """"Gaussian" LoRA init, as PEFT's ``init_lora_weights="gaussian"``: on Linear layers
-    ``A ~ N(0, 1/r)``, ``B = 0``; embeddings keep PEFT's (A = 0, B ~ N(0, 1)) for both schemes.
-    Returns the number of re-initialised layers. (The shared LoRA starts Kaiming-uniform.)"""
-    n = 0
-    for _, layer in adapter_layers(model):
-        if isinstance(layer, LoRALinear):
-            nn.init.normal_(layer.lora.A, std=1.0 / layer.spec.r)
-            layer.lora.B.zero_()
-            n += 1
-    return n
+    """The paper's adapter: rank-16 "Gaussian" rsLoRA (A ~ N(0, 1/r) on Linear layers) on the
+    position table and the head; the patch embedding trains fully."""
+    return LoRA(r=r, alpha=alpha, rslora=True, init="gaussian", targets=["patch_pos", "wpe", "head"],
+                modules_to_save=["patch_embed"])
 
 
 class RevIN(nn.Module):
@@ -221,9 +209,8 @@ class OneForAll(ForecastModule):
             (one randomly initialised pre-norm attention block of width ``d_model``).
         d_model: width without an LM (``none`` / ``attention``); 576 = SmolLM2's width keeps
             the ablation's embedding and head shapes identical to the LM model's.
-        adapter: default :func:`one_for_all_adapter` (rank-16 rsLoRA, alpha 16, i.e. scale 4).
-        gaussian_init: start LoRA ``A`` on Linear layers from N(0, 1/r) (the paper's "Gaussian
-            rsLoRA"); ``False`` keeps the Kaiming-uniform start.
+        adapter: default :func:`one_for_all_adapter` (rank-16 rsLoRA, alpha 16, i.e. scale 4,
+            Gaussian start: the paper's "Gaussian rsLoRA"; ``init: kaiming`` for the usual start).
     """
 
     def __init__(
@@ -239,7 +226,6 @@ class OneForAll(ForecastModule):
         stride: int = 8,
         head_dropout: float = 0.0,
         adapter: AdapterSpec | None = None,
-        gaussian_init: bool = True,
         **kwargs: Any,
     ) -> None:
         adapter = adapter if adapter is not None else one_for_all_adapter()
@@ -277,8 +263,6 @@ class OneForAll(ForecastModule):
         nn.init.zeros_(self.head.weight)  # frozen zero base: the head is the rsLoRA product s*B*A
         nn.init.zeros_(self.head.bias)
         self.adapt(self)  # inject into the whole module: targets live outside the LM too
-        if gaussian_init:
-            gaussian_lora_init(self)
         self.load_initial_weights()
 
     def forecast(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,11 @@ class LoRA(AdapterSpec):
         rslora: rank-stabilised scaling.
         dora: learn a magnitude per output row/channel (DoRA); Linear and Conv2d only.
         qkv: for a fused ``qkv`` projection (out = 3 * dim), the slices to adapt, e.g. ``["q", "v"]``.
+        init: how ``A`` starts on Linear, Conv2d and MultiheadAttention layers: ``"kaiming"``
+            (Kaiming-uniform, PEFT's default) or ``"gaussian"`` (N(0, 1/r), PEFT's
+            ``init_lora_weights="gaussian"``). ``B`` starts at zero either way; embeddings start
+            with A = 0, B ~ N(0, 1) under both, as in PEFT. Methods with their own start (MiCA,
+            CG-LoRA) keep ``"kaiming"`` here.
     """
 
     r: int = 8
@@ -53,6 +58,7 @@ class LoRA(AdapterSpec):
     rslora: bool = False
     dora: bool = False
     qkv: list[str] | None = None
+    init: str = "kaiming"
 
     method: ClassVar[str] = "lora"
     peft_exportable: ClassVar[bool] = True
@@ -65,6 +71,10 @@ class LoRA(AdapterSpec):
             raise ValueError(f"{type(self).__name__}.r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"{type(self).__name__}.init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if self.init != "kaiming" and self.init_scheme != "lora":
+            raise ValueError(f"{type(self).__name__} starts its factors its own way; init={self.init!r} applies to LoRA only")
         if self.qkv is not None:
             self.qkv = list(self.qkv)
             bad = [s for s in self.qkv if s not in _QKV_INDEX]
@@ -137,10 +147,14 @@ class LowRankDelta(nn.Module):
 
     # --- initialisation ---------------------------------------------------------------------
     @torch.no_grad()
-    def reset_lora(self) -> None:
-        """PEFT's default: Kaiming-uniform(a=sqrt(5)) on each slice's A, zeros on B."""
-        for i in range(len(self.slices)):
-            nn.init.kaiming_uniform_(self.A[i * self.r : (i + 1) * self.r], a=math.sqrt(5))
+    def reset_lora(self, init: str = "kaiming") -> None:
+        """B = 0 and A Kaiming-uniform(a=sqrt(5)) per slice (PEFT's default) or, with
+        ``init="gaussian"``, N(0, 1/r) (PEFT's ``init_lora_weights="gaussian"``)."""
+        if init == "gaussian":
+            nn.init.normal_(self.A, std=1.0 / self.r)
+        else:
+            for i in range(len(self.slices)):
+                nn.init.kaiming_uniform_(self.A[i * self.r : (i + 1) * self.r], a=math.sqrt(5))
         self.B.zero_()
 
     @torch.no_grad()
@@ -228,7 +242,7 @@ class LoRALayer(AdapterLayer):
     def reset(self) -> None:
         scheme = self.spec.init_scheme
         if scheme == "lora":
-            self.lora.reset_lora()
+            self.lora.reset_lora(self.spec.init)
         elif scheme == "mica":
             self.lora.reset_mica(self.weight2d(), self.name)
         elif scheme != "zeros":
@@ -481,8 +495,8 @@ class LoRAMultiheadAttention(AdapterLayer):
             self.lora_in.reset_mica(w_in, name)
             self.lora_out.reset_mica(w_out, name + ".out_proj")
         else:
-            self.lora_in.reset_lora()
-            self.lora_out.reset_lora()
+            self.lora_in.reset_lora(spec.init)
+            self.lora_out.reset_lora(spec.init)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.merged:
