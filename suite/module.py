@@ -205,8 +205,7 @@ class AdaptedModule(L.LightningModule):
         return trainer.datamodule.train_dataloader()
 
     def on_fit_start(self) -> None:
-        needs = [layer for _, layer in adapter_layers(self) if layer.spec.needs_calibration]
-        if needs:
+        if any(layer.needs_init() for _, layer in adapter_layers(self)):  # not on resume: no loader built for nothing
             from suite.adapters import init_adapters  # only methods with calibration define it
 
             init_adapters(self, self.calibration_batches(), lambda b: self.compute_losses(_to(b, self.device))["loss"])
