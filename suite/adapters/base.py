@@ -55,6 +55,8 @@ class AdapterSpec:
     needs_calibration: ClassVar[bool] = False
     #: True when ``export_peft`` can write this method in the Hugging Face PEFT format
     peft_exportable: ClassVar[bool] = False
+    #: fields that only choose how the adapter starts: trained weights loaded over it make them moot
+    start_fields: ClassVar[frozenset[str]] = frozenset()
 
     def wrap(self, name: str, layer: nn.Module) -> "AdapterLayer":
         """Return the adapter layer that replaces ``layer`` (found at ``name``)."""

@@ -215,7 +215,7 @@ def save_adapters(model: nn.Module, path: str | Path) -> Path:
 
 
 #: spec fields a saved adapter may differ in from the model's: layer selection is checked through
-#: the tensor keys, and dropout acts in training only
+#: the tensor keys, and dropout acts in training only (plus each method's ``start_fields``)
 _LOAD_FREE_FIELDS = frozenset({"targets", "exclude", "modules_to_save", "dropout"})
 
 
@@ -227,8 +227,10 @@ def _check_saved_specs(cfg_file: Path, ours: list[dict], theirs: list[dict], str
             f"{cfg_file}: field 'adapters' holds {len(theirs)} adapter(s) ({[t['method'] for t in theirs]}), "
             f"the model has {len(ours)} ({[o['method'] for o in ours]})"
         )
+    registry = _registry()
     for i, (own, saved) in enumerate(zip(ours, theirs)):
-        diff = [f"{k}: saved {saved.get(k)!r}, model {own.get(k)!r}" for k in sorted((set(own) | set(saved)) - _LOAD_FREE_FIELDS)
+        free = _LOAD_FREE_FIELDS | getattr(registry.get(own["method"]), "start_fields", frozenset())
+        diff = [f"{k}: saved {saved.get(k)!r}, model {own.get(k)!r}" for k in sorted((set(own) | set(saved)) - free)
                 if saved.get(k) != own.get(k)]
         if diff:
             raise AdapterLoadError(f"{cfg_file}: field 'adapters[{i}].spec' does not match the model's adapter: " + "; ".join(diff))
@@ -238,7 +240,7 @@ def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> Ad
     """Load adapters saved by :func:`save_adapters`, injecting them first if the model has none.
 
     A model that already has adapters must have the saved methods with the same hyperparameters
-    (all spec fields but the layer selection and dropout).
+    (all spec fields but the layer selection, dropout and the fields that only choose the start).
 
     Raises :class:`AdapterLoadError` counting the missing, unexpected and mis-shaped keys (naming up to 20 of each).
     """

@@ -80,6 +80,8 @@ class CGLoRA(LoRA):
     method: ClassVar[str] = "cg_lora"
     needs_calibration: ClassVar[bool] = True
     init_scheme: ClassVar[str] = "zeros"
+    # shift is not among them: it adds the A0/B0 buffers the forward reads
+    start_fields: ClassVar[frozenset[str]] = LoRA.start_fields | {"damping", "step", "max_update", "calibration_batches", "factor_tokens"}
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -62,6 +62,7 @@ class LoRA(AdapterSpec):
 
     method: ClassVar[str] = "lora"
     peft_exportable: ClassVar[bool] = True
+    start_fields: ClassVar[frozenset[str]] = frozenset({"init"})
     #: how the factors start: "lora" (A Kaiming, B zero), "mica" (B minor singular vectors, frozen;
     #: A zero) or "zeros" (filled later by calibration, CG-LoRA)
     init_scheme: ClassVar[str] = "lora"

@@ -130,6 +130,6 @@ def test_loading_into_adapters_with_other_hyperparameters_fails(tmp_path):
                        r"adapter: alpha: saved 4(\.0)?, model 8(\.0)?; rslora: saved False, model True$"):
         load_adapters(b, tmp_path)
     c = _mlp()
-    inject(c, LoRA(r=2, alpha=4, dropout=0.1, targets=["0"]))  # dropout acts in training only
+    inject(c, LoRA(r=2, alpha=4, dropout=0.1, init="gaussian", targets=["0"]))  # training-only and start-only fields
     load_adapters(c, tmp_path)
     torch.testing.assert_close(c.eval()(torch.ones(3, 8)), a.eval()(torch.ones(3, 8)))
