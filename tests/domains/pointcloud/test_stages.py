@@ -14,10 +14,10 @@ import yaml
 from domains.pointcloud import pretrain
 from suite.cli import main as cli_main
 from suite.stages import run_stages
-from tests.domains.test_pointcloud_model import TINY, TINY_DATA, data_dir, tiny_model  # noqa: F401 (fixture)
+from tests.domains.pointcloud.test_model import TINY, TINY_DATA, data_dir, tiny_model  # noqa: F401 (fixture)
 from tests.notebooks import cell_outputs, run_notebook
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 VARIANTS = ["semi", "pruned", "full", "linear", "lora", "prompt"]
 QUIET = {"max_epochs": 1, "limit_train_batches": 2, "enable_model_summary": False, "log_every_n_steps": 1}
 

@@ -25,7 +25,7 @@ from tests.toy import ToyData, ToyViT
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*deprecated in v4.49.0")  # jsonargparse, via LightningCLI
 
-PRESETS = sorted(p.name for p in (Path(__file__).parents[2] / "configs" / "adapters").glob("*.yaml"))
+PRESETS = sorted(p.name for p in (Path(__file__).parents[3] / "configs" / "adapters").glob("*.yaml"))
 
 
 def _mlp() -> nn.Module:
@@ -73,7 +73,7 @@ def test_presets_keep_the_domain_targets(preset, tmp_path):
         "      init_args: {targets: [qkv], exclude: [blocks.0.attn.qkv], modules_to_save: [head], r: 4, dora: true}\n"
         f"data:\n  class_path: tests.toy.ToyData\ntrainer: {{max_epochs: 1, logger: false, default_root_dir: {tmp_path}}}\n"
     )
-    preset_path = Path(__file__).parents[2] / "configs" / "adapters" / preset
+    preset_path = Path(__file__).parents[3] / "configs" / "adapters" / preset
     cli = main(args=["--config", str(domain), "--config", str(preset_path)], run=False)
     spec = cli.model.adapter
     assert (spec.targets, spec.exclude, spec.modules_to_save) == (["qkv"], ["blocks.0.attn.qkv"], ["head"])

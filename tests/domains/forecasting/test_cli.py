@@ -13,7 +13,7 @@ from suite.cli import main
 from tests.notebooks import cell_outputs, run_notebook
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 BASE = str(ROOT / "domains" / "forecasting.yaml")
 # tiny everything: random 64-wide Llama, 8 weeks of generated data, 64 training windows, 1 epoch
 SMALL = ["--data.init_args.generated_hours", "1344", "--data.init_args.train_windows", "64", "--data.init_args.val_windows", "32",

@@ -15,11 +15,12 @@ import pytest
 import torch
 import yaml
 
-from domains.calorimetry.data import Geometry, collate_showers, read_calochallenge, shower_hits, simulate_showers
+from domains.calorimetry.data import Geometry, collate_showers, read_calochallenge, shower_hits
+from domains.calorimetry.synth import simulate_showers
 from domains.calorimetry.model import CaloShowerModel
 from suite.adapters.base import adapter_layers
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TINY = dict(width=32, depth=1, heads=2, ffn_mult=2, energy_bins=32, max_hits=24)
 GEO = Geometry((8, 6, 6), 10.0, 7.0)
 

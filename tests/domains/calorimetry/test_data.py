@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from domains.calorimetry.data import MATERIALS, CaloShowerData, Geometry, read_calochallenge, shower_hits, simulate_showers
+from domains.calorimetry.data import CaloShowerData, Geometry, read_calochallenge, shower_hits
+from domains.calorimetry.synth import MATERIALS, simulate_showers
 from domains.calorimetry.metrics import binned_kl, compare, lateral_profile, longitudinal_profile, separation_power, shower_observables
 from domains.calorimetry.tokens import ShowerTokenizer
 

@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 
 from domains.forecasting import data as fdata
-from domains.forecasting.data import ForecastData, generate_transformer_load, read_series_csv, split_borders
+from domains.forecasting import synth
+from domains.forecasting.data import ForecastData, read_series_csv, split_borders
+from domains.forecasting.synth import generate_transformer_load
 
 ETT_COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
 ETTH1_ROWS = 17420  # rows of the real ETTh1.csv (2016-07-01 00:00 .. 2018-06-26 19:00)
@@ -130,10 +132,10 @@ def test_generator_is_seeded_and_physically_coupled():
 
 def test_generated_default_is_cached_once(tmp_path, monkeypatch):
     monkeypatch.setenv("SUITE_DATA_DIR", str(tmp_path))
-    path = fdata.generated_csv(24 * 7 * 4, seed=0)
+    path = synth.generated_csv(24 * 7 * 4, seed=0)
     assert path.is_relative_to(tmp_path / "generated" / "forecasting")
     stamp = path.stat().st_mtime_ns
-    assert fdata.generated_csv(24 * 7 * 4, seed=0).stat().st_mtime_ns == stamp
+    assert synth.generated_csv(24 * 7 * 4, seed=0).stat().st_mtime_ns == stamp
     dm = ForecastData(None, lookback=48, horizon=24, generated_hours=24 * 7 * 4, train_windows=50, val_windows=10)
     dm.setup()
     assert dm.split_sizes["train"] == 50 and dm.split_sizes["val"] == 10
