@@ -6,30 +6,87 @@
 
 Beyond Lightning's defaults, every run gets a checkpoint callback that keeps ``last.ckpt`` in
 ``<default_root_dir>/checkpoints`` (so ``--ckpt_path last`` finds it across runs), a CSV logger in
-``<default_root_dir>/logs/version_N`` and a :class:`~suite.callbacks.RunRecord` there.
+``<default_root_dir>/logs/version_N`` and a :class:`~suite.callbacks.RunRecord` there. A config may
+also hold, at top level:
+
+* ``prerequisites``: fits that must have run before the model is built (cached; see
+  :mod:`suite.prerequisites`);
+* ``stages``: a sequence of fits of this same config (see :mod:`suite.stages`); a bare ``fit``
+  runs them all, ``test`` / ``predict`` / ``validate`` run on the last one.
+
+Values that data and model share are set once, in the data section, and linked into the model
+(:data:`LINKED_ARGUMENTS`, :data:`LINKED_ATTRIBUTES`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import sys
+from typing import Any, Optional
 
 import lightning as L
-from jsonargparse import Namespace
+from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from suite.adapters import AdapterSpec
 from suite.callbacks import RunRecord
+from suite.prerequisites import Prerequisite
+
+# Specs are dataclasses, which jsonargparse reads field by field unless told otherwise. Enabling
+# subclasses lets a YAML (and LightningCLI's checkpoint instantiator) choose any method with
+# ``class_path: suite.adapters.MiCA``. Set here, where configs are parsed, not in the adapter layer.
+set_parsing_settings(subclasses_enabled=[AdapterSpec])
+
+#: ``data.init_args.X -> model.init_args.X`` at parse time; skipped when either class lacks X
+LINKED_ARGUMENTS = ("lookback", "horizon", "grid", "threshold_mev")
+#: ``model.init_args.Y`` <- the instantiated data module's attribute Y; skipped when either lacks Y
+LINKED_ATTRIBUTES = ("num_classes", "num_types")
+
+
+class _Parsed(Exception):
+    """Raised by :func:`parse_only` with the resolved config, before any class is built."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__("parsed")
+        self.config = config
 
 
 class SuiteCLI(LightningCLI):
+    #: when set (by :func:`parse_only`), stop after parsing and report the resolved config
+    parse_only: bool = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        given = kwargs.get("args")
+        self.argv = list(given) if isinstance(given, (list, tuple)) else sys.argv[1:]
+        self.stage_results: dict[str, Any] | None = None
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
         parser.add_lightning_class_args(RunRecord, "run_record")
+        parser.add_argument("--prerequisites", type=Optional[list[Prerequisite]], default=None,
+                            help="fits to run (once, cached) before the model is built; see suite.prerequisites")
+        parser.add_argument("--stages", type=Optional[list[dict]], default=None,
+                            help="a sequence of fits of this config; see suite.stages")
+        for name in LINKED_ARGUMENTS:
+            parser.link_arguments(f"data.init_args.{name}", f"model.init_args.{name}")
+        for name in LINKED_ATTRIBUTES:  # skipped by jsonargparse when the data module has no such attribute
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.parse_only:
+            raise _Parsed(config.clone().as_dict())
+        if config.get("stages") and self.subcommand is not None:
+            from suite.stages import run_config_stages
+
+            self.stage_results = run_config_stages(self.subcommand, self.argv, config)
+            return
+        from suite.prerequisites import resolve
+
+        resolve(config, config.get("prerequisites"))
         root = config.trainer.default_root_dir or os.getcwd()
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path files load without unpickling arbitrary objects
@@ -41,17 +98,25 @@ class SuiteCLI(LightningCLI):
                 init_args=Namespace(save_dir=root, name="logs"),
             )
 
-
     def instantiate_classes(self) -> None:
+        if self.stage_results is not None:  # the stages ran their own fits; the last one stands for this run
+            last = self.stage_results["last_cli"]
+            self.trainer, self.model, self.datamodule = last.trainer, last.model, last.datamodule
+            return
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as err:  # a value its type allows but the class refuses
             # jsonargparse's own error path: usage and message, exit 2 (JSONARGPARSE_DEBUG=1 raises instead)
             self.parser.error(f"the config parsed, but building its classes failed: {err}", ex=err)
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        if self.stage_results is not None:
+            return
+        super()._run_subcommand(subcommand)
 
-def main(args: Any = None, run: bool = True) -> SuiteCLI:
-    return SuiteCLI(
+
+def main(args: Any = None, run: bool = True, cli_class: type[SuiteCLI] = SuiteCLI) -> SuiteCLI:
+    return cli_class(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
@@ -63,3 +128,16 @@ def main(args: Any = None, run: bool = True) -> SuiteCLI:
         args=args,
         run=run,
     )
+
+
+class _ParseOnlyCLI(SuiteCLI):
+    parse_only = True
+
+
+def parse_only(args: list[str]) -> dict[str, Any]:
+    """The resolved config of ``args`` (a subcommand and its options) as a dict, building no class."""
+    try:
+        main(args, cli_class=_ParseOnlyCLI)
+    except _Parsed as parsed:
+        return parsed.config
+    raise RuntimeError("parse_only: the CLI did not stop after parsing")

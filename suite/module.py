@@ -8,24 +8,33 @@ checkpoints to trainable state, and shard for FSDP2.
 A domain writes::
 
     class MyModule(AdaptedModule):
-        def __init__(self, depth: int = 4, adapter: AdapterSpec | None = None, **kw):
-            super().__init__(adapter=adapter, **kw)
+        def __init__(self, depth: int = 4, **kw):
+            super().__init__(**kw)               # adapter, optimizer, init_from, ... are ours
             with self.seeded():                 # frozen weights are rebuilt identically on load
                 self.backbone = build_backbone(depth)
             self.head = nn.Linear(...)
             self.adapt()                         # inject(self.backbone, adapter), freeze the rest
+            self.load_init_from()                # start from an earlier stage, if init_from is given
 
         def compute_losses(self, batch) -> dict[str, Tensor]:   # must hold "loss"
             ...
+
+Starting from an earlier stage is one mechanism for every domain: ``init_from`` names a suite
+Lightning checkpoint (or a ``save_adapters`` folder); :meth:`AdaptedModule.load_init_from`
+rebuilds that stage from the checkpoint's own hyperparameters (recursively, when it too started
+from another), loads its state, and hands it to :meth:`AdaptedModule.extend_from`, the one hook a
+domain overrides to extend the model (add an expert, a class head, merge adapters).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
+import inspect
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, ClassVar, Iterable, Iterator
 
 import lightning as L
 import torch
@@ -33,8 +42,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from suite.adapters import AdapterReport, AdapterSpec, adapter_layers, inject, parameter_report
-from suite.adapters.core import spec_from_config, spec_to_config
+from suite.adapters import AdapterReport, AdapterSpec, adapter_layers, inject, load_adapters, parameter_report
+from suite.adapters.core import spec_from_config
 
 
 # Checkpoints deliberately omit frozen base weights and on_load_checkpoint verifies the keys
@@ -44,6 +53,56 @@ warnings.filterwarnings("ignore", message="Found keys that are in the model stat
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the run stops instead of corrupting the adapters."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint (or earlier stage) does not fit the model; the message lists the offending keys."""
+
+
+def _mismatch(source: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> CheckpointMismatchError:
+    lines = [f"{source} does not fit this model (was it written with another domain, backbone, adapter or model config?)"]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if keys:
+            lines.append(f"  {label} keys ({len(keys)}): " + ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else ""))
+    return CheckpointMismatchError("\n".join(lines))
+
+
+def _unwrapped(key: str) -> str:
+    """A state-dict key with adapter wrapping removed (``qkv.base_layer.weight`` -> ``qkv.weight``)."""
+    return key.replace(".base_layer.", ".")
+
+
+def rebuild_stage(path: str | Path, default_class: type | None = None) -> "AdaptedModule":
+    """The model of an earlier stage from its checkpoint alone.
+
+    The class comes from the checkpoint's ``_class_path`` (LightningCLI writes it; ``default_class``
+    otherwise) and is built from the checkpoint's hyperparameters, so a stage that itself started
+    from another rebuilds that one first (recursively, through its own ``init_from``). Then the
+    saved keys are checked (:meth:`AdaptedModule.on_load_checkpoint`) and loaded.
+
+    A module-level function on purpose: Lightning collects hyperparameters from the chain of
+    ``__init__`` frames above ``save_hyperparameters``, which must not reach the caller's.
+    """
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointMismatchError(f"{path}: field 'state_dict' missing: expected a suite Lightning checkpoint (last.ckpt)")
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    class_path = hp.pop("_class_path", None)
+    if class_path:
+        module_name, _, name = class_path.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+    elif default_class is not None:
+        cls = default_class
+    else:
+        raise CheckpointMismatchError(f"{path}: field 'hyper_parameters._class_path' missing: cannot tell which model wrote it")
+    if not (isinstance(cls, type) and issubclass(cls, AdaptedModule)):
+        raise CheckpointMismatchError(f"{path} was written by {class_path}, which is not a suite AdaptedModule")
+    known = set().union(*(inspect.signature(c.__init__).parameters for c in cls.__mro__ if issubclass(c, AdaptedModule)))
+    earlier = cls(**{k: v for k, v in hp.items() if k in known - {"self", "kwargs"}})
+    earlier.on_load_checkpoint(ckpt)  # every trainable key present, none unknown, frozen-base fingerprint matches
+    earlier.load_state_dict(ckpt["state_dict"], strict=False)  # strict=False: frozen weights are not saved
+    return earlier
 
 
 def _default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -61,7 +120,12 @@ class AdaptedModule(L.LightningModule):
         aux_loss_weight: weight of the adapters' auxiliary losses (e.g. router balance).
         backbone_seed: seed for randomly initialised frozen weights, so a rebuilt module has
             the same frozen backbone the saved adapters were trained on.
+        init_from: an earlier stage to start from: a suite Lightning checkpoint (``last.ckpt``) or
+            a ``save_adapters`` folder (see :meth:`load_init_from`).
     """
+
+    #: set by a subclass that never injects an adapter spec: what it does instead (a spec is then refused)
+    adapter_note: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -70,16 +134,25 @@ class AdaptedModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         aux_loss_weight: float = 0.01,
         backbone_seed: int = 0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(adapter, dict):  # as stored in checkpoint hyperparameters
             adapter = spec_from_config(adapter)
+        if adapter is not None and self.adapter_note:
+            raise ValueError(f"{type(self).__name__} does not take an adapter spec ({type(adapter).__name__} given): {self.adapter_note}")
         # every __init__ argument of the domain subclass is recorded (Lightning walks the
         # __init__ frames); the spec is kept in class_path/init_args form so checkpoints load
         # with weights_only=True and through LightningCLI's instantiator; the optimiser
         # factories live in the run's config.yaml
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.hparams["adapter"] = spec_to_config(adapter) if adapter is not None else None
+        self.hparams["adapter"] = adapter.to_config() if adapter is not None else None
+        if init_from is not None and Path(init_from).exists():
+            init_from = str(Path(init_from).resolve())
+            self.hparams["init_from"] = init_from  # so later stages find it from any directory
+        self.init_from = init_from
+        self._adapted = adapter is None  # a spec must be injected by adapt() before the model runs
+        self._started = init_from is None
         self.adapter = adapter
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -108,22 +181,65 @@ class AdaptedModule(L.LightningModule):
         else:
             inject(target, self.adapter)
             self.report = parameter_report(self, self.adapter.method)
+        self._adapted = True
         return self.report
 
-    def load_stage_checkpoint(self, path: str | Path, strict: bool = True) -> None:
-        """Load the saved (trainable) state of an earlier stage's Lightning checkpoint.
+    # --- starting from an earlier stage -----------------------------------------------------
+    def load_init_from(self) -> "AdaptedModule | None":
+        """Start from ``init_from``; call it once the model is built (usually after :meth:`adapt`).
 
-        Multi-stage protocols (pretrain -> adapt, add an expert) build the earlier stage's
-        model, call this, then extend it. Keys absent from the checkpoint keep their
-        (seeded) values; a key the model lacks is an error when ``strict``.
+        * a suite Lightning checkpoint: the earlier stage is rebuilt from it (:func:`rebuild_stage`,
+          recursively through its own ``init_from``) and passed to :meth:`extend_from`;
+        * a ``save_adapters`` folder: its adapters are loaded into this model.
+
+        Returns the rebuilt earlier stage (``None`` for a folder or without ``init_from``).
         """
-        path = Path(path)
+        self._started = True
+        if self.init_from is None:
+            return None
+        path = Path(self.init_from)
+        if path.is_dir():
+            load_adapters(self, path)
+            return None
         if not path.is_file():
-            raise FileNotFoundError(f"stage checkpoint {path} not found")
-        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-        result = self.load_state_dict(state, strict=False)
-        if strict and result.unexpected_keys:
-            raise RuntimeError(f"{path} holds keys this model lacks: {result.unexpected_keys[:10]}")
+            raise FileNotFoundError(
+                f"init_from={self.init_from!r} is neither a checkpoint file nor a save_adapters folder. If it names a "
+                "prerequisite (e.g. a pretraining run), start through `python -m suite` or "
+                "suite.prerequisites.run_prerequisite, which build it and pass its checkpoint"
+            )
+        earlier = rebuild_stage(path, type(self))
+        self.extend_from(earlier)
+        return earlier
+
+    def extend_from(self, earlier: "AdaptedModule") -> None:
+        """Take the earlier stage's state; override to extend the model afterwards.
+
+        Default: copy every tensor of ``earlier`` into this model (keys matched through adapter
+        wrapping, so a stage that adds LoRA starts from the previous stage's weights). Adapters new
+        in this model may be absent from ``earlier``; any other missing, unexpected or mis-shaped
+        key is a :class:`CheckpointMismatchError` that lists them.
+        """
+        self.load_matching_state(earlier.state_dict(), f"init_from {self.init_from}")
+
+    def load_matching_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load ``state`` whose keys may differ from ours by adapter wrapping; see :meth:`extend_from`."""
+        own = self.state_dict()
+        by_unwrapped = {_unwrapped(k): k for k in own}
+        new_adapter = {f"{n}.{k}" for n, layer in adapter_layers(self) for k in layer.adapter_state_dict()}
+        mapped: dict[str, torch.Tensor] = {}
+        unexpected, misshaped = [], []
+        for key, value in state.items():
+            target = key if key in own else by_unwrapped.get(_unwrapped(key))
+            if target is None:
+                unexpected.append(key)
+            elif own[target].shape != value.shape:
+                misshaped.append(f"{key}: saved {tuple(value.shape)}, model {tuple(own[target].shape)}")
+            else:
+                mapped[target] = value
+        missing = sorted(k for k in own if k not in mapped and k not in new_adapter)
+        if missing or unexpected or misshaped:
+            raise _mismatch(source, missing, sorted(unexpected), sorted(misshaped))
+        self.load_state_dict(mapped, strict=False)
 
     # --- the domain's part ------------------------------------------------------------------
     def compute_losses(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -260,14 +376,13 @@ class AdaptedModule(L.LightningModule):
         state = checkpoint.get("state_dict", {})
         own = set(self.state_dict())
         expected = own - self._frozen_parameter_names()
+        own_state = self.state_dict()
         unexpected = sorted(set(state) - own)
         missing = sorted(expected - set(state))
-        if unexpected or missing:
-            raise RuntimeError(
-                "checkpoint does not fit this model (was it written with another adapter or model config?)\n"
-                f"  missing trainable keys ({len(missing)}): {missing[:10]}\n"
-                f"  unexpected keys ({len(unexpected)}): {unexpected[:10]}"
-            )
+        misshaped = sorted(f"{k}: saved {tuple(v.shape)}, model {tuple(own_state[k].shape)}" for k, v in state.items()
+                           if k in own_state and hasattr(v, "shape") and v.shape != own_state[k].shape)
+        if unexpected or missing or misshaped:
+            raise _mismatch("the checkpoint", missing, unexpected, misshaped)
         saved = checkpoint.get("suite", {}).get("backbone_fingerprint")
         current = self.backbone_fingerprint()
         if saved and current and saved != current:
@@ -286,6 +401,13 @@ class AdaptedModule(L.LightningModule):
         return [layer for _, layer in adapter_layers(self)]
 
     def configure_model(self) -> None:
+        # called before every fit / validate / test / predict, so a module that was built wrongly fails before any work
+        if not self._adapted:
+            raise RuntimeError(f"{type(self).__name__} was given adapter {type(self.adapter).__name__} but never injected it: "
+                               "call self.adapt() in __init__, or set adapter_note to refuse specs")
+        if not self._started:
+            raise RuntimeError(f"{type(self).__name__} was given init_from={self.init_from!r} but never loaded it: "
+                               "call self.load_init_from() at the end of __init__")
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return

@@ -45,7 +45,6 @@ class ToyViT(AdaptedModule):
         num_classes: int = 4,
         adapter: AdapterSpec | None = None,
         nan_at_step: int = -1,
-        init_from: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(adapter=adapter, **kwargs)
@@ -53,9 +52,8 @@ class ToyViT(AdaptedModule):
             self.backbone = timm.create_model(model_name, pretrained=False, num_classes=0, img_size=img_size)
         self.head = nn.Linear(self.backbone.num_features, num_classes)
         self.nan_at_step = nan_at_step
-        if init_from:  # a later stage starts from an earlier one's trained head
-            self.load_stage_checkpoint(init_from)
         self.adapt()
+        self.load_init_from()  # a later stage starts from an earlier one (e.g. its trained head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -11,7 +11,7 @@ calibration batches), :class:`FourierMoE`, and mixtures of experts (:class:`Mixt
 
 from __future__ import annotations
 
-from .base import AdapterLayer, AdapterSpec, adapter_layers, matches_any, name_matches
+from .base import ALL_LINEAR, AdapterLayer, AdapterSpec, adapter_layers, matches_any, name_matches
 from .lora import LoRA, LoRAConv2d, LoRAEmbedding, LoRALayer, LoRALinear, LoRAMultiheadAttention, LowRankDelta
 from .mica import MiCA
 from .curvature import CGLoRA, CGLoRALinear
@@ -27,12 +27,14 @@ from .core import (
     merge,
     parameter_report,
     save_adapters,
-    spec_from_dict,
+    spec_from_config,
+    spec_to_config,
     unmerge,
 )
 from .export import export_peft
 
 __all__ = [
+    "ALL_LINEAR",
     "AdapterLayer",
     "AdapterLoadError",
     "AdapterReport",
@@ -66,7 +68,8 @@ __all__ = [
     "parameter_report",
     "route_labels",
     "save_adapters",
-    "spec_from_dict",
+    "spec_from_config",
+    "spec_to_config",
     "switch_balance_loss",
     "unmerge",
 ]

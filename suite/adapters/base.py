@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 import torch
-from jsonargparse import set_parsing_settings
 from torch import nn
 
 _REGEX_CHARS = set("^$*+?[]()|\\{}")
+
+
+#: ``targets="all-linear"`` (as in PEFT): every ``nn.Linear`` except the model's output layer
+ALL_LINEAR = "all-linear"
 
 
 def name_matches(name: str, pattern: str) -> bool:
@@ -34,7 +37,11 @@ def name_matches(name: str, pattern: str) -> bool:
     return False
 
 
-def matches_any(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
+def matches_any(name: str, patterns: list[str] | tuple[str, ...] | str) -> bool:
+    """``patterns`` as a list (names, suffixes or regexes, see :func:`name_matches`) or, as PEFT
+    reads a single string, one regex that must match the whole name."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
     return any(name_matches(name, p) for p in patterns)
 
 
@@ -45,11 +52,11 @@ class AdapterSpec:
     Subclasses add the method's hyperparameters and implement :meth:`wrap`.
     """
 
-    targets: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
+    targets: list[str] | str = field(default_factory=list)
+    exclude: list[str] | str = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
 
-    #: registry name, written to adapter configs so ``load_adapters`` can rebuild the spec
+    #: the method's short name, used in parameter reports and run records
     method: ClassVar[str] = ""
     #: True when the method needs calibration data before training (see ``init_adapters``)
     needs_calibration: ClassVar[bool] = False
@@ -62,19 +69,24 @@ class AdapterSpec:
         """Return the adapter layer that replaces ``layer`` (found at ``name``)."""
         raise NotImplementedError
 
-    def selects(self, name: str) -> bool:
-        return matches_any(name, self.targets) and not matches_any(name, self.exclude)
+    def selects(self, name: str, module: nn.Module | None = None) -> bool:
+        """True if the layer ``name`` (``module``, needed for ``targets="all-linear"``) is adapted."""
+        if self.targets == ALL_LINEAR:
+            chosen = isinstance(module, nn.Linear)
+        else:
+            chosen = matches_any(name, self.targets)
+        return chosen and not matches_any(name, self.exclude)
 
-    def to_dict(self) -> dict[str, Any]:
+    def fields(self) -> dict[str, Any]:
+        """The spec's fields as JSON-ready values (tuples become lists so the round-trip is exact)."""
         d = dataclasses.asdict(self)
-        # tuples become lists so the JSON round-trip is exact
-        return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
-
-# Specs are dataclasses, which jsonargparse reads field by field unless told otherwise. Enabling
-# subclasses lets a YAML (and LightningCLI's checkpoint instantiator) choose any method with
-# ``class_path: suite.adapters.MiCA``.
-set_parsing_settings(subclasses_enabled=[AdapterSpec])
+    def to_config(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}``: the one form a spec is written in (YAML, checkpoint
+        hyperparameters, ``adapters.json``), so any method, a domain's included, is found by import path."""
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": self.fields()}
 
 
 class AdapterLayer(nn.Module):

@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import AdapterLayer, AdapterSpec, adapter_layers, matches_any
+from .base import ALL_LINEAR, AdapterLayer, AdapterSpec, adapter_layers, matches_any
+from .moe import MixtureOfExperts
 
 # deliberately not PEFT's file names: this format holds every method, PEFT's only the LoRA family
 CONFIG_NAME = "adapters.json"
 WEIGHTS_NAME = "adapters.safetensors"
-FORMAT = "suite-adapters/1"
+FORMAT = "suite-adapters/2"  # /2: specs as class_path + init_args (/1 held a flat dict with a method name)
 
 #: ``model.<_RECORD>`` lists every spec injected into a model, in order, with its layers
 _RECORD = "_suite_adapters"
@@ -35,15 +36,18 @@ class AdapterReport:
     trainable: int
     adapted: list[str] = field(default_factory=list)
     method: str = ""
+    #: parameters that were trainable before an ``inject`` and were frozen by it
+    frozen: list[str] = field(default_factory=list)
 
     @property
     def percent(self) -> float:
         return 100.0 * self.trainable / max(self.total, 1)
 
     def __str__(self) -> str:
+        froze = f"; froze {len(self.frozen)} previously trainable tensors" if self.frozen else ""
         return (
             f"{self.method or 'model'}: {self.trainable:,} trainable / {self.total:,} total "
-            f"({self.percent:.3f} %) over {len(self.adapted)} adapted layers"
+            f"({self.percent:.3f} %) over {len(self.adapted)} adapted layers{froze}"
         )
 
 
@@ -60,61 +64,69 @@ def parameter_report(model: nn.Module, method: str = "") -> AdapterReport:
     return AdapterReport(total, trainable, [n for n, _ in adapter_layers(model)], method)
 
 
-def _registry() -> dict[str, type[AdapterSpec]]:
-    """Method name -> spec class, for every AdapterSpec subclass imported so far."""
-    out: dict[str, type[AdapterSpec]] = {}
-    stack = list(AdapterSpec.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        if cls.method:
-            out[cls.method] = cls
-        stack.extend(cls.__subclasses__())
-    return out
-
-
-def spec_from_dict(d: dict[str, Any]) -> AdapterSpec:
-    """Rebuild a spec from :meth:`AdapterSpec.to_dict` output (as written in adapter configs)."""
-    d = dict(d)
-    method = d.pop("method", None)
-    registry = _registry()
-    if method not in registry:
-        raise ValueError(f"unknown adapter method {method!r}; known: {sorted(registry)}")
-    return registry[method](**d)
-
-
 def spec_to_config(spec: AdapterSpec) -> dict[str, Any]:
-    """``{"class_path", "init_args"}``: the form LightningCLI and checkpoint hyperparameters use."""
-    d = spec.to_dict()
-    d.pop("method")
-    return {"class_path": f"{type(spec).__module__}.{type(spec).__qualname__}", "init_args": d}
+    """``{"class_path", "init_args"}``: the one form specs are written in (see :meth:`AdapterSpec.to_config`)."""
+    return spec.to_config()
 
 
 def spec_from_config(config: dict[str, Any]) -> AdapterSpec:
-    """Inverse of :func:`spec_to_config`; also accepts the flat :meth:`AdapterSpec.to_dict` form."""
-    if "class_path" not in config:
-        return spec_from_dict(config)
-    module_name, _, cls_name = config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    """Rebuild a spec from ``{"class_path", "init_args"}``, importing the class by its path, so a
+    domain's method (``domains.nuclei.adapters.MALA``) is found without being imported first."""
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(f"an adapter spec is written as {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
+    module_name, _, cls_name = str(config["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name, None) if module_name else None
+    except ImportError as err:
+        raise ValueError(f"adapter class_path {config['class_path']!r}: cannot import {module_name!r} ({err})") from err
     if not (isinstance(cls, type) and issubclass(cls, AdapterSpec)):
         raise ValueError(f"adapter class_path {config['class_path']!r} is not an AdapterSpec")
     return cls(**config.get("init_args", {}))
 
 
-def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
-    """Wrap every layer that ``spec`` selects, freeze everything else, return the report.
+def _adapter_owned(model: nn.Module) -> dict[int, nn.Parameter]:
+    """Parameters of adapters already in ``model`` (adapter layers, mixtures of experts, saved modules)."""
+    owned: dict[int, nn.Parameter] = {}
+    for _, layer in adapter_layers(model):
+        for p in _adapter_parameters(layer):
+            owned[id(p)] = p
+    for mod in model.modules():
+        if isinstance(mod, MixtureOfExperts):
+            owned.update((id(p), p) for p in mod.parameters())
+    for name in _saved_modules(model):
+        owned.update((id(p), p) for p in model.get_submodule(name).parameters())
+    return owned
 
-    Layers inside an existing adapter (its ``base_layer``) are not re-wrapped. Parameters of
-    ``spec.modules_to_save`` stay trainable. Adapter parameters of earlier injections stay
-    trainable too, so specs can be stacked (e.g. LoRA on attention after an expert bank).
+
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    """The model's output layer (Hugging Face ``get_output_embeddings``), which ``all-linear`` skips as PEFT does."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
+    """Wrap every layer that ``spec`` selects and freeze the base weights; return the report.
+
+    The rule (PEFT's, extended to stacked specs): ``inject`` freezes every parameter it does not
+    own and enables only the parameters it adds (and ``spec.modules_to_save``). Parameters of
+    adapters already in the model (earlier adapter layers, mixtures of experts, earlier
+    ``modules_to_save``) keep their ``requires_grad``, frozen or not, so experts frozen on purpose
+    by ``add_expert(freeze_existing=True)`` stay frozen. Layers inside an existing adapter (its
+    ``base_layer``) are not re-wrapped. ``report.frozen`` names what this call froze.
     """
     if not spec.targets:
-        raise ValueError(f"{type(spec).__name__}.targets is empty: name the layers to adapt")
+        raise ValueError(f"{type(spec).__name__}.targets is empty: name the layers to adapt (names, a regex or 'all-linear')")
     inside_adapter = {n for n, _ in adapter_layers(model)}
+    output = _output_layer(model) if spec.targets == ALL_LINEAR else None
     selected = [
         (name, mod)
         for name, mod in model.named_modules()
         if name
-        and spec.selects(name)
+        and mod is not output
+        and spec.selects(name, mod)
         and not isinstance(mod, AdapterLayer)
         and not any(name.startswith(a + ".") for a in inside_adapter)
     ]
@@ -122,24 +134,34 @@ def inject(model: nn.Module, spec: AdapterSpec) -> AdapterReport:
     if not selected:
         candidates = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding))]
         raise ValueError(
-            f"{type(spec).__name__}(targets={spec.targets}, exclude={spec.exclude}) matched no module. "
+            f"{type(spec).__name__}(targets={spec.targets!r}, exclude={spec.exclude!r}) matched no module. "
             f"Some candidates: {candidates[:12]}"
         )
+    kept = _adapter_owned(model)
+    was_trainable = {id(p) for p in model.parameters() if p.requires_grad}
     for name, mod in selected:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, spec.wrap(name, mod).train(mod.training))  # new dropout etc. follow the model's mode
-    model.requires_grad_(False)
-    for _, layer in adapter_layers(model):  # earlier and new adapter layers alike
-        for p in _adapter_parameters(layer):
+    new = {id(p) for name, _ in selected for p in _adapter_parameters(model.get_submodule(name))}
+    if spec.modules_to_save:
+        for name, mod in model.named_modules():
+            if name and matches_any(name, spec.modules_to_save):
+                new.update(id(p) for p in mod.parameters())
+    frozen = []
+    for name, p in model.named_parameters():
+        if id(p) in new:
             p.requires_grad_(True)
-    for name, mod in model.named_modules():
-        if name and spec.modules_to_save and matches_any(name, spec.modules_to_save):
-            mod.requires_grad_(True)
+        elif id(p) not in kept:
+            if id(p) in was_trainable:
+                frozen.append(name)
+            p.requires_grad_(False)
     record = getattr(model, _RECORD, [])
-    record.append({"spec": spec.to_dict(), "layers": [n for n, _ in selected]})
+    record.append({"spec": spec.to_config(), "method": spec.method, "layers": [n for n, _ in selected]})
     object.__setattr__(model, _RECORD, record)  # plain attribute, not a submodule
-    return parameter_report(model, spec.method)
+    report = parameter_report(model, spec.method)
+    report.frozen = frozen
+    return report
 
 
 def _resolve_attention_children(model: nn.Module, selected: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
@@ -183,7 +205,7 @@ def unmerge(model: nn.Module) -> None:
 
 
 def _saved_modules(model: nn.Module) -> list[str]:
-    patterns = [p for r in getattr(model, _RECORD, []) for p in r["spec"].get("modules_to_save", [])]
+    patterns = [p for r in getattr(model, _RECORD, []) for p in r["spec"]["init_args"].get("modules_to_save", [])]
     names = [n for n, _ in model.named_modules() if n and patterns and matches_any(n, patterns)]
     # keep only outermost matches so nothing is saved twice
     return [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
@@ -224,16 +246,17 @@ def _check_saved_specs(cfg_file: Path, ours: list[dict], theirs: list[dict], str
     hyperparameters (alpha, rslora, top_k, ...), or the loaded tensors would compute something else."""
     if strict and len(ours) != len(theirs):
         raise AdapterLoadError(
-            f"{cfg_file}: field 'adapters' holds {len(theirs)} adapter(s) ({[t['method'] for t in theirs]}), "
-            f"the model has {len(ours)} ({[o['method'] for o in ours]})"
+            f"{cfg_file}: field 'adapters' holds {len(theirs)} adapter(s) ({[t['class_path'] for t in theirs]}), "
+            f"the model has {len(ours)} ({[o['class_path'] for o in ours]})"
         )
-    registry = _registry()
     for i, (own, saved) in enumerate(zip(ours, theirs)):
-        free = _LOAD_FREE_FIELDS | getattr(registry.get(own["method"]), "start_fields", frozenset())
-        diff = [f"{k}: saved {saved.get(k)!r}, model {own.get(k)!r}" for k in sorted((set(own) | set(saved)) - free)
-                if saved.get(k) != own.get(k)]
+        if own["class_path"] != saved["class_path"]:
+            raise AdapterLoadError(f"{cfg_file}: field 'adapters[{i}].spec.class_path' is {saved['class_path']!r}, the model's adapter is {own['class_path']!r}")
+        free = _LOAD_FREE_FIELDS | spec_from_config(own).start_fields
+        a, b = own["init_args"], saved["init_args"]
+        diff = [f"{k}: saved {b.get(k)!r}, model {a.get(k)!r}" for k in sorted((set(a) | set(b)) - free) if b.get(k) != a.get(k)]
         if diff:
-            raise AdapterLoadError(f"{cfg_file}: field 'adapters[{i}].spec' does not match the model's adapter: " + "; ".join(diff))
+            raise AdapterLoadError(f"{cfg_file}: field 'adapters[{i}].spec.init_args' does not match the model's adapter: " + "; ".join(diff))
 
 
 def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> AdapterReport:
@@ -249,16 +272,23 @@ def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> Ad
     for f in (cfg_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: expected a folder written by suite.adapters.save_adapters")
-    cfg = json.loads(cfg_file.read_text())
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterLoadError(f"{cfg_file}: not valid JSON ({err})") from err
     if cfg.get("format") != FORMAT:
         raise AdapterLoadError(f"{cfg_file}: field 'format' is {cfg.get('format')!r}, expected {FORMAT!r}")
+    specs = []
+    for i, entry in enumerate(cfg.get("adapters") or []):
+        try:
+            specs.append(spec_from_config(entry["spec"]))
+        except (ValueError, TypeError, KeyError) as err:  # class_path that does not import, or fields it refuses
+            raise AdapterLoadError(f"{cfg_file}: field 'adapters[{i}].spec': {err}") from err
+    if not specs:
+        raise AdapterLoadError(f"{cfg_file}: field 'adapters' is empty or missing: expected the list save_adapters writes")
     injected_here = not getattr(model, _RECORD, None)
     if injected_here:
-        for i, entry in enumerate(cfg["adapters"]):
-            try:
-                spec = spec_from_dict(entry["spec"])
-            except (ValueError, TypeError) as err:  # unknown method (its module not imported) or fields
-                raise AdapterLoadError(f"{cfg_file}: field 'adapters[{i}].spec': {err}") from err
+        for spec in specs:
             inject(model, spec)
     saved = load_file(str(weights_file))
     own = adapter_state_dict(model)
@@ -279,7 +309,7 @@ def load_adapters(model: nn.Module, path: str | Path, strict: bool = True) -> Ad
         _check_saved_specs(cfg_file, [r["spec"] for r in getattr(model, _RECORD)], [e["spec"] for e in cfg["adapters"]], strict)
     result = model.load_state_dict({k: saved[k] for k in own if k in saved}, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
-    return parameter_report(model, "+".join(e["spec"]["method"] for e in cfg["adapters"]))
+    return parameter_report(model, "+".join(spec.method for spec in specs))
 
 
 def init_adapters(

@@ -3,6 +3,7 @@ resume without re-initialising, auxiliary losses logged)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -47,9 +48,33 @@ def test_load_reports_every_mismatch(tmp_path):
     with pytest.raises(FileNotFoundError, match="expected a folder written by suite.adapters.save_adapters"):
         load_adapters(_mlp(), tmp_path / "nowhere")
     cfg = tmp_path / "adapters.json"
-    cfg.write_text(cfg.read_text().replace('"method": "lora"', '"method": "not_a_method"'))
-    with pytest.raises(AdapterLoadError, match=r"adapters.json: field 'adapters\[0\].spec': unknown adapter method 'not_a_method'"):
+    good = cfg.read_text()
+    cfg.write_text(good.replace('"suite.adapters.lora.LoRA"', '"suite.adapters.lora.NotAMethod"'))
+    with pytest.raises(AdapterLoadError, match=r"adapters.json: field 'adapters\[0\].spec': adapter class_path 'suite.adapters.lora.NotAMethod' is not an AdapterSpec"):
         load_adapters(_mlp(), tmp_path)
+    cfg.write_text(good.replace('"suite.adapters.lora.LoRA"', '"no_such_package.LoRA"'))
+    with pytest.raises(AdapterLoadError, match=r"field 'adapters\[0\].spec': adapter class_path 'no_such_package.LoRA': cannot import"):
+        load_adapters(_mlp(), tmp_path)
+
+
+def test_a_domain_method_loads_by_import_path_alone(tmp_path):
+    """adapters.json names the spec by class_path: a domain's method (MALA) is found without importing
+    its module first, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    from domains.nuclei.adapters import MALA
+
+    spec_cfg = MALA(r=4, targets=["0"]).to_config()
+    assert spec_cfg["class_path"] == "domains.nuclei.adapters.MALA"
+    (tmp_path / "spec.json").write_text(json.dumps(spec_cfg))
+    code = (
+        "import json, sys; from suite.adapters.core import spec_from_config; "
+        "assert 'domains.nuclei.adapters' not in sys.modules; "
+        "spec = spec_from_config(json.load(open(sys.argv[1]))); print(type(spec).__module__, spec.r)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spec.json")], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["domains.nuclei.adapters", "4"]
 
 
 def test_saved_state_holds_only_adapters(tmp_path):
@@ -126,7 +151,7 @@ def test_loading_into_adapters_with_other_hyperparameters_fails(tmp_path):
     save_adapters(a, tmp_path)
     b = _mlp()
     inject(b, LoRA(r=2, alpha=8, rslora=True, dropout=0.1, targets=["0"]))
-    with pytest.raises(AdapterLoadError, match=r"adapters.json: field 'adapters\[0\].spec' does not match the model's "
+    with pytest.raises(AdapterLoadError, match=r"adapters.json: field 'adapters\[0\].spec.init_args' does not match the model's "
                        r"adapter: alpha: saved 4(\.0)?, model 8(\.0)?; rslora: saved False, model True$"):
         load_adapters(b, tmp_path)
     c = _mlp()

@@ -1,0 +1,161 @@
+"""Prerequisites: fits a run needs before its model is built, run once and cached by their resolved config.
+
+A model that starts from a backbone pretrained here (no weights can be downloaded) declares the
+pretraining run in its YAML instead of running a fit inside its constructor::
+
+    prerequisites:
+      - name: foundation                              # the placeholder value
+        configs: [domains/pointcloud/pretrain.yaml]    # the prerequisite's own fit
+        into: model.init_args.init_from               # this run's key; replaced while it holds "foundation"
+        link: {model.init_args.encoder: model.init_args.encoder}   # prerequisite key: this run's key
+        product: checkpoints/last.ckpt                # file of the prerequisite run to put into `into`
+
+``python -m suite <subcommand>`` resolves them before any class is built (:func:`resolve`): the
+prerequisite's config is parsed with the same CLI (defaults and links included), the resolved
+config is hashed, and its fit runs once, in this process, into
+``data/generated/prerequisites/<name>-<hash>/``; later runs with the same resolved config reuse that
+folder. A user who gives a real value in ``into`` (a checkpoint path) skips the prerequisite.
+The global RNG state is restored afterwards, so a run that had to build its prerequisite continues
+exactly like one that found it cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from suite.data import cached, generated_dir
+
+#: keys of a resolved config that say where a run writes, not what it computes
+_WHERE_KEYS = ("config", "trainer.default_root_dir", "checkpoint.dirpath", "trainer.logger", "prerequisites")
+
+
+@dataclass
+class Prerequisite:
+    """A fit that must have run before this run's model is built (see the module docstring).
+
+    Args:
+        name: the placeholder that ``into`` holds until the prerequisite is resolved.
+        configs: YAML files of the prerequisite's fit, composed in order.
+        into: dotted key of this run's config that receives the product's path.
+        link: prerequisite key -> this run's key; the value is passed to the prerequisite, so
+            both use the same setting (e.g. the encoder shape) and it is stated once.
+        args: further command-line arguments of the prerequisite's fit.
+        product: path, inside the prerequisite's run folder, of what ``into`` receives.
+    """
+
+    name: str
+    configs: list[str]
+    into: str
+    link: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    product: str = "checkpoints/last.ckpt"
+
+
+def _rng_states() -> tuple[Any, ...]:
+    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+
+
+def _restore(states: tuple[Any, ...]) -> None:
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.random.set_rng_state(states[2])
+
+
+def _as_plain(value: Any) -> Any:
+    """A config value as plain JSON-able data (jsonargparse Namespaces become dicts)."""
+    if hasattr(value, "as_dict"):
+        return value.as_dict()
+    if isinstance(value, (list, tuple)):
+        return [_as_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    return value
+
+
+def fit_args(prereq: Prerequisite, values: dict[str, Any] | None = None) -> list[str]:
+    """The command line (after ``fit``) of the prerequisite's run, with the linked values."""
+    args: list[str] = []
+    for cfg in prereq.configs:
+        args += ["--config", str(cfg)]
+    for key, value in (values or {}).items():
+        args += [f"--{key}", json.dumps(_as_plain(value))]
+    return args + [str(a) for a in prereq.args]
+
+
+def resolved_config(args: list[str]) -> dict[str, Any]:
+    """The fully resolved config (class defaults and links included) of ``fit <args>``, without
+    building any class; the keys that only say where the run writes are left out."""
+    from suite.cli import parse_only
+
+    states = _rng_states()
+    try:
+        config = parse_only(["fit", *args])
+    finally:
+        _restore(states)
+    for key in _WHERE_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        holder = config
+        for part in parent.split(".") if parent else []:
+            holder = holder.get(part, {}) if isinstance(holder, dict) else {}
+        if isinstance(holder, dict):
+            holder.pop(leaf, None)
+    return config
+
+
+def cache_folder(prereq: Prerequisite, values: dict[str, Any] | None = None) -> Path:
+    """``data/generated/prerequisites/<name>-<hash of the resolved config>``."""
+    config = resolved_config(fit_args(prereq, values))
+    text = yaml.safe_dump(config, sort_keys=True)
+    key = hashlib.sha256((text + prereq.product).encode()).hexdigest()[:12]
+    return generated_dir("prerequisites") / f"{prereq.name}-{key}"
+
+
+def run_prerequisite(prereq: Prerequisite, values: dict[str, Any] | None = None) -> Path:
+    """Path of ``prereq``'s product, running its fit first if no run of the same resolved config is cached."""
+    folder = cache_folder(prereq, values)
+
+    def build(tmp: Path) -> None:
+        from suite.cli import main as cli_main
+
+        print(f"[suite] prerequisite {prereq.name!r} ({', '.join(prereq.configs)}) is not cached; running it once into {folder}")
+        states = _rng_states()
+        try:
+            cli_main(["fit", *fit_args(prereq, values), "--trainer.default_root_dir", str(tmp)])
+        finally:
+            _restore(states)
+        if not (tmp / prereq.product).exists():
+            raise FileNotFoundError(f"prerequisite {prereq.name!r} finished but wrote no {prereq.product} (looked in {tmp})")
+        (tmp / "prerequisite.json").write_text(json.dumps({"name": prereq.name, "args": fit_args(prereq, values)}, indent=2))
+
+    product = cached(folder, build) / prereq.product
+    if not product.exists():
+        raise FileNotFoundError(f"the cached prerequisite {folder} has no {prereq.product}; remove the folder to rebuild it")
+    return product
+
+
+def resolve(config: Any, prerequisites: list[Prerequisite | dict[str, Any]] | None) -> dict[str, str]:
+    """Replace every placeholder in ``config`` (a jsonargparse Namespace) by its prerequisite's product.
+
+    Returns ``{key: path}`` for the keys that were replaced (empty when the user gave real values).
+    """
+    done: dict[str, str] = {}
+    for p in prerequisites or []:
+        prereq = p if isinstance(p, Prerequisite) else Prerequisite(**_as_plain(p))
+        if config.get(prereq.into) != prereq.name:
+            continue  # a real value was given: nothing to build
+        values = {}
+        for theirs, ours in prereq.link.items():
+            if config.get(ours) is None and ours not in config:
+                raise KeyError(f"prerequisite {prereq.name!r} links {theirs} to {ours!r}, which this config does not have")
+            values[theirs] = config.get(ours)
+        config[prereq.into] = done[prereq.into] = str(run_prerequisite(prereq, values))
+    return done
