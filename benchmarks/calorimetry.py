@@ -46,7 +46,7 @@ from domains.calorimetry.model import CaloShowerModel  # noqa: E402
 
 ALL = ["W_photon", "Ta_photon", "Pb_photon", "W_electron", "Ta_electron", "Pb_electron"]
 STAGES = [("+Pb photon", "Pb_photon"), ("+W electron", "W_electron"), ("+Ta electron", "Ta_electron"), ("+Pb electron", "Pb_electron")]
-MODEL = dict(grid=[8, 6, 6], energy_bins=64, e_min_mev=50.0, e_max_mev=1.2e5, width=64, depth=2, heads=4, ffn_mult=2,
+MODEL = dict(grid=[8, 6, 6], energy_bins=64, threshold_mev=50.0, e_max_mev=1.2e5, width=64, depth=2, heads=4, ffn_mult=2,
              lora_r=8, lora_alpha=8.0, max_hits=128)
 DATA = dict(grid=[8, 6, 6], layer_mm=10.0, cell_mm=7.0, n_per_class=800, threshold_mev=50.0, max_hits=128, batch_size=32)
 

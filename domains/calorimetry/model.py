@@ -18,9 +18,10 @@ No forgetting is exact: every old class takes the same arithmetic on the same te
 module checks this with ``torch.equal`` when it extends and again at the end of each fit.
 
 Each stage's ``init_from`` is the previous stage's ``last.ckpt``. A checkpoint holds only what
-that stage trained, so the model first rebuilds the previous stage from *its* checkpoint (whose
-hyperparameters name its own ``init_from``, recursively), then extends it; ``test --ckpt_path``
-on a later stage therefore works from the stage checkpoints alone.
+that stage trained, so the shared lifecycle (``AdaptedModule.load_init_from``) first rebuilds the
+previous stage from *its* checkpoint (whose hyperparameters name its own ``init_from``,
+recursively) and this model's :meth:`CaloShowerModel.extend_from` then extends it; ``test
+--ckpt_path`` on a later stage therefore works from the stage checkpoints alone.
 
 Reference bugs fixed: ``fine_tune.py`` imported a non-existent ``models/losses.py`` (every
 stage here is importable from YAML, tested); the new router row was copied from the *last*
@@ -33,7 +34,6 @@ Kaiming-uniform A (PEFT's default), which needs no SVD, so that mistake cannot a
 
 from __future__ import annotations
 
-import inspect
 import math
 import zlib
 from pathlib import Path
@@ -54,33 +54,16 @@ from .network import PROJECTIONS, ShowerTransformer
 from .tokens import ShowerTokenizer
 
 #: hyperparameters that fix the architecture; a stage must use its init_from's values
-ARCHITECTURE = ("grid", "energy_bins", "e_min_mev", "e_max_mev", "width", "depth", "heads", "ffn_mult", "rope_theta", "backbone_seed")
-
-
-def rebuild_stage(path: str | Path) -> "CaloShowerModel":
-    """The model of an earlier stage from its checkpoint alone (recursively through its init_from).
-
-    A module-level function on purpose: Lightning collects hyperparameters from the chain of
-    ``__init__`` frames above ``save_hyperparameters``, which must not reach the caller's.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from checkpoint {path} not found; run the earlier stage first")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    known = inspect.signature(CaloShowerModel.__init__).parameters.keys() | inspect.signature(AdaptedModule.__init__).parameters.keys()
-    hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in known and k not in ("self", "kwargs")}
-    prev = CaloShowerModel(**hp)
-    prev.on_load_checkpoint(ckpt)  # every trainable key present, none unknown, frozen-base fingerprint matches
-    prev.load_state_dict(ckpt["state_dict"], strict=False)  # strict=False: frozen weights are not saved
-    return prev
+ARCHITECTURE = ("grid", "energy_bins", "threshold_mev", "e_max_mev", "width", "depth", "heads", "ffn_mult", "rope_theta", "backbone_seed")
 
 
 class CaloShowerModel(AdaptedModule):
     """The FM4CAL shower model and its lifecycle stages (see the module docstring).
 
     Args:
-        grid: voxels per (layer, a, b); must match the data. Reference: 30 x 30 x 30.
-        energy_bins, e_min_mev, e_max_mev: log-spaced deposit bins; e_min is the data's threshold.
+        grid: voxels per (layer, a, b), linked from the data (``data.init_args.grid``). Reference: 30 x 30 x 30.
+        energy_bins, threshold_mev, e_max_mev: log-spaced deposit bins from the readout threshold
+            (linked from ``data.init_args.threshold_mev``: the lowest deposit that is a hit) to e_max.
         width, depth, heads, ffn_mult: transformer size (CPU default 64 / 2 / 4 / 2; reference width 256).
         rope_theta: rotary base (1000 as in the reference: sequences are short).
         classes: pretraining classes (with ``init_from`` the checkpoint's classes are used).
@@ -92,17 +75,20 @@ class CaloShowerModel(AdaptedModule):
             no LoRA, and *every* weight trains; forgetting is then possible and measured).
         max_hits, temperature, monotone_energy: generation (hits ordered by energy, so each
             sampled energy token may be at most the previous one).
-        init_from: the previous stage's checkpoint (the stage runner passes it).
+        init_from: the previous stage's checkpoint (the stage runner passes it; an AdaptedModule argument).
         output_dir: where ``predict`` writes, per class, ``<class>_generated.hdf5`` and
             ``<class>_reference.hdf5`` (CaloChallenge layout) and two PNGs (default
             ``<default_root_dir>/predictions``).
     """
 
+    adapter_note = ("the shower model grows by stages instead: add_class adds an expert per block cloned from "
+                    "closest_expert and, for a new particle, rsLoRA on attention (lora_r, lora_alpha)")
+
     def __init__(
         self,
         grid: list[int] = [8, 6, 6],  # noqa: B006 - jsonargparse reads literal defaults
         energy_bins: int = 64,
-        e_min_mev: float = 50.0,
+        threshold_mev: float = 50.0,
         e_max_mev: float = 1.2e5,  # above the hottest voxel of a 100 GeV shower
         width: int = 64,
         depth: int = 2,
@@ -119,22 +105,22 @@ class CaloShowerModel(AdaptedModule):
         max_hits: int = 128,
         temperature: float = 1.0,
         monotone_energy: bool = True,
-        init_from: str | None = None,
         output_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if init_from is not None:
-            init_from = str(Path(init_from).resolve())
-            self.hparams["init_from"] = init_from  # so later stages find it from any directory
         if finetune not in ("peft", "full"):
             raise ValueError(f"finetune must be 'peft' or 'full', got {finetune!r}")
-        self.tokenizer = ShowerTokenizer(int(np.prod(grid)), e_min_mev, e_max_mev, energy_bins)
+        self.tokenizer = ShowerTokenizer(int(np.prod(grid)), threshold_mev, e_max_mev, energy_bins)
         self.grid = tuple(grid)
         self.max_hits, self.temperature, self.monotone_energy = max_hits, temperature, monotone_energy
         self.output_dir = output_dir
+        self.add_class, self.closest_expert, self.finetune = add_class, closest_expert, finetune
+        self.lora_r, self.lora_alpha = lora_r, lora_alpha
         self.added: list[str] = []
-        if init_from is None:
+        self.old_classes: list[str] = []
+        self._probe: torch.Tensor | None = None
+        if self.init_from is None:
             if add_class is not None:
                 raise ValueError("add_class extends an earlier stage: also give init_from=<its last.ckpt>")
             particles = {parse_class(c)[1] for c in classes}
@@ -144,28 +130,32 @@ class CaloShowerModel(AdaptedModule):
                 self.backbone = ShowerTransformer(self.tokenizer, self.grid, width, depth, heads, ffn_mult,
                                                   list(classes), particles.pop(), rope_theta, dropout)
             self.stage = "pretrain"
-        else:
-            prev = rebuild_stage(init_from)
-            diff = {k: (self.hparams[k], prev.hparams[k]) for k in ARCHITECTURE if self.hparams[k] != prev.hparams[k]}
-            if diff:
-                raise ValueError(f"architecture differs from init_from {init_from} (this, checkpoint): {diff}")
-            self.backbone = prev.backbone
-            self.added = list(prev.added)
-            self.stage = f"add {add_class}" if add_class else "continue"
-        self.old_classes = list(self.backbone.classes) if init_from else []
-        self._probe = self._probe_outputs(self.old_classes)
-        if add_class is not None:
-            source = self._resolve_source(add_class, closest_expert)
-            lora = LoRA(r=lora_r, alpha=lora_alpha, rslora=True, targets=list(PROJECTIONS)) if finetune == "peft" else None
-            with self.seeded(self.backbone_seed + len(self.backbone.classes)):
-                self.added += self.backbone.add_class(add_class, source, lora)
-            if finetune == "full":
-                self.backbone.requires_grad_(True)
-            if finetune == "peft" and not self.outputs_unchanged():
-                raise RuntimeError(f"adding {add_class} changed the outputs of {self.old_classes}; this is a bug")
-        elif init_from is not None:
-            self.backbone.requires_grad_(False)
+        self.load_init_from()  # a later stage: rebuild the earlier one and extend it (extend_from)
         self.report = parameter_report(self, self.stage)
+
+    # --- lifecycle: extend the earlier stage --------------------------------------------------
+    def extend_from(self, earlier: "CaloShowerModel") -> None:
+        """Take the earlier stage's network and, with ``add_class``, grow it by that class."""
+        diff = {k: (self.hparams[k], earlier.hparams.get(k)) for k in ARCHITECTURE if self.hparams[k] != earlier.hparams.get(k)}
+        if diff:
+            raise ValueError(f"architecture differs from init_from {self.init_from} (this, checkpoint): {diff}")
+        self.backbone = earlier.backbone
+        self.added = list(earlier.added)
+        self.stage = f"add {self.add_class}" if self.add_class else "continue"
+        self.old_classes = list(self.backbone.classes)
+        self._probe = self._probe_outputs(self.old_classes)
+        if self.add_class is None:
+            self.backbone.requires_grad_(False)
+            return
+        source = self._resolve_source(self.add_class, self.closest_expert)
+        peft = self.finetune == "peft"
+        lora = LoRA(r=self.lora_r, alpha=self.lora_alpha, rslora=True, targets=list(PROJECTIONS)) if peft else None
+        with self.seeded(self.backbone_seed + len(self.backbone.classes)):
+            self.added += self.backbone.add_class(self.add_class, source, lora)
+        if not peft:
+            self.backbone.requires_grad_(True)
+        elif not self.outputs_unchanged():
+            raise RuntimeError(f"adding {self.add_class} changed the outputs of {self.old_classes}; this is a bug")
 
     # --- lifecycle helpers --------------------------------------------------------------------
     def _resolve_source(self, new: str, closest: str | None) -> str:
@@ -340,14 +330,10 @@ class CaloShowerModel(AdaptedModule):
         return getattr(dm, "geometry", None) or Geometry(self.grid)
 
     def setup(self, stage: str) -> None:
+        # grid and threshold are linked from the data (suite.cli), so only the classes can disagree
         dm = self.trainer.datamodule
         if dm is None:
             return
-        if hasattr(dm, "geometry") and tuple(dm.geometry.grid) != self.grid:
-            raise ValueError(f"data grid {dm.geometry.grid} != model grid {self.grid}; set both to the same")
-        e_min = float(self.tokenizer.edges[0])
-        if getattr(dm, "threshold_mev", e_min) != e_min:
-            raise ValueError(f"data threshold_mev {dm.threshold_mev} != model e_min_mev {e_min}: a hit's lowest deposit is the first bin's edge")
         unknown = sorted(set(getattr(dm, "classes", []) + getattr(dm, "eval_classes", [])) - set(self.backbone.classes))
         if unknown:
             raise ValueError(f"data classes {unknown} unknown to the model ({self.backbone.classes}); add them with add_class")
