@@ -2,7 +2,8 @@
 
 ``PointCloudData`` serves three purposes with one interface:
 
-- ``purpose: pretrain`` - the unlabelled corpus for masked-autoencoder pretraining;
+- ``purpose: pretrain`` - the unlabelled corpus for masked-autoencoder pretraining (procedural:
+  by default only classes that no few-shot episode uses, ``pretrain_classes``);
 - ``purpose: classify`` with ``n_way``/``k_shot`` - one N-way K-shot episode: the support set
   trains, ``n_query`` test clouds per class are the test (query) set, ``n_val`` other test clouds
   per class validate, and ``unlabelled`` further train clouds of the episode's classes feed the
@@ -28,12 +29,22 @@ from torch.utils.data import DataLoader, Dataset
 from suite.data import SuiteDataModule, cached, generated_dir, split_by_group
 
 from . import readers
-from .shapes import CLASSES, make_corpus
+from .shapes import FEW_SHOT_CLASSES, PRETRAIN_CLASSES, make_corpus
 
 #: the few-shot protocols of Point-BERT / Point-MAE (N-way K-shot), each over 10 seeded episodes
 FEW_SHOT_SETTINGS: dict[str, tuple[int, int]] = {"5w10s": (5, 10), "5w20s": (5, 20), "10w10s": (10, 10), "10w20s": (10, 20)}
 
 Source = Literal["procedural", "modelnet_off", "modelnet_h5", "modelnet_txt", "scanobjectnn_h5"]
+#: procedural pretraining corpora: the pretraining-only classes (default; the few-shot classes are
+#: never reconstructed, as Point-MAE pretrains on ShapeNet and is tested on ModelNet), the few-shot
+#: classes themselves (other instances), or both
+PRETRAIN_SETS: dict[str, list[str]] = {
+    "disjoint": list(PRETRAIN_CLASSES),
+    "few_shot": list(FEW_SHOT_CLASSES),
+    "all": list(PRETRAIN_CLASSES) + list(FEW_SHOT_CLASSES),
+}
+#: bump when the procedural generator's output for the same settings changes (cache key)
+CORPUS_VERSION = 2
 
 
 @dataclass
@@ -114,6 +125,10 @@ class PointCloudData(SuiteDataModule):
         source: ``procedural`` (generated, cached in data/generated/pointcloud) or a real format.
         root: dataset folder for real formats (for ``scanobjectnn_h5`` the split folder holding
             ``training_objectdataset<h5_suffix>.h5`` and ``test_objectdataset<h5_suffix>.h5``).
+        num_category: ``modelnet_txt``: 40 (default) or 10, which ``modelnet<N>_*.txt`` lists to
+            read; other real sources: the class count the data must have (checked), or null.
+        pretrain_classes: procedural ``purpose: pretrain`` corpus: ``disjoint`` (the 12
+            pretraining-only classes), ``few_shot`` (the 15 episode classes) or ``all``.
         variant: procedural only: ``clean`` (ModelNet-like) or ``scan`` (ScanObjectNN-like, occluded).
         num_points: points per cloud (real data is farthest-point-sampled down to it).
         purpose: ``pretrain`` (unlabelled corpus) or ``classify``.
@@ -121,6 +136,9 @@ class PointCloudData(SuiteDataModule):
         n_query, n_val: test clouds per class for the query (test) and validation sets.
         unlabelled: extra unlabelled train clouds of the episode's classes (semi-supervised MCFT).
         pretrain_per_class, train_per_class, test_per_class: procedural corpus sizes.
+        h5_suffix: ``scanobjectnn_h5`` variant: ``_augmentedrot_scale75`` (PB_T50_RS, default),
+            ``_augmentedrot``, ``_augmented25rot``, ``_augmented25_norot``, or ``""`` (OBJ_BG in
+            ``main_split/``, OBJ_ONLY in ``main_split_nobg/``).
     """
 
     def __init__(
@@ -140,6 +158,8 @@ class PointCloudData(SuiteDataModule):
         train_per_class: int = 60,
         test_per_class: int = 40,
         h5_suffix: str = "_augmentedrot_scale75",
+        num_category: int | None = None,
+        pretrain_classes: Literal["disjoint", "few_shot", "all"] = "disjoint",
         batch_size: int = 16,
         num_workers: int = 0,
         seed: int = 0,
@@ -149,12 +169,16 @@ class PointCloudData(SuiteDataModule):
             raise ValueError(f"source={source!r} needs data.root (the dataset folder); see domains/pointcloud/README.md")
         if (n_way is None) != (k_shot is None):
             raise ValueError("set both n_way and k_shot for a few-shot episode, or neither for full training")
+        if pretrain_classes not in PRETRAIN_SETS:
+            raise ValueError(f"pretrain_classes must be one of {list(PRETRAIN_SETS)}, got {pretrain_classes!r}")
+        if source == "modelnet_txt" and num_category not in (None, 10, 40):
+            raise ValueError(f"num_category must be 10 or 40 for modelnet_txt (modelnet<N>_*.txt), got {num_category}")
         self.source, self.root, self.variant, self.num_points = source, root, variant, num_points
         self.purpose, self.n_way, self.k_shot, self.episode = purpose, n_way, k_shot, episode
         self.n_query, self.n_val, self.unlabelled = n_query, n_val, unlabelled
         self.per_class = {"pretrain": pretrain_per_class, "train": train_per_class, "test": test_per_class}
-        self.h5_suffix = h5_suffix
-        self.class_names: list[str] = list(CLASSES) if source == "procedural" else []
+        self.h5_suffix, self.num_category, self.pretrain_classes = h5_suffix, num_category, pretrain_classes
+        self.class_names: list[str] = list(FEW_SHOT_CLASSES) if source == "procedural" else []
         self.ids: dict[str, list[str]] = {}
 
     # --- pools ------------------------------------------------------------------------------------
@@ -162,18 +186,20 @@ class PointCloudData(SuiteDataModule):
         """The whole ``split`` of the source (cached as .npz under data/generated/pointcloud)."""
         if self.source == "procedural":
             n, seeds = self.per_class[split], {"pretrain": 101, "train": 202, "test": 303}
-            key = f"{self.variant}-{split}-{n}x{self.num_points}"
+            classes = PRETRAIN_SETS[self.pretrain_classes] if split == "pretrain" else list(FEW_SHOT_CLASSES)
+            tag = hashlib.sha256(f"v{CORPUS_VERSION}|{','.join(classes)}".encode()).hexdigest()[:8]
+            key = f"{self.variant}-{split}-{n}x{self.num_points}-{tag}"
 
             def build(tmp: Path) -> None:
-                points, labels = make_corpus(n, self.num_points, seeds[split], self.variant)
+                points, labels = make_corpus(n, self.num_points, seeds[split], self.variant, classes)
                 with open(tmp, "wb") as f:
                     np.savez(f, points=points, labels=labels)
 
             with np.load(cached(generated_dir("pointcloud") / f"{key}.npz", build)) as z:
                 points, labels = z["points"], z["labels"]
-            return readers.PointSet(points, labels, list(CLASSES), [f"{key}:{i}" for i in range(len(points))])
+            return readers.PointSet(points, labels, classes, [f"{key}:{i}" for i in range(len(points))])
         real_split = "train" if split == "pretrain" else split
-        spec = f"{self.source}|{_listing(self.root)}|{real_split}|{self.num_points}|{self.h5_suffix}"
+        spec = f"v{readers.READER_VERSION}|{self.source}|{_listing(self.root)}|{real_split}|{self.num_points}|{self.h5_suffix}|{self.num_category}"
         if self.source == "modelnet_off":  # the one reader that draws points at random (seeded surface sampling)
             spec += f"|seed{self.seed}"
         key = hashlib.sha256(spec.encode()).hexdigest()[:16]
@@ -189,15 +215,20 @@ class PointCloudData(SuiteDataModule):
     def _read_real(self, split: str) -> readers.PointSet:
         root = Path(self.root)
         if self.source == "modelnet_off":
-            return readers.read_modelnet_off(root, split, self.num_points, self.seed)
-        if self.source == "modelnet_h5":
-            return readers.read_modelnet_h5(root, split, self.num_points)
-        if self.source == "modelnet_txt":
-            return readers.read_modelnet_txt(root, split, self.num_points)
-        if self.source == "scanobjectnn_h5":
+            s = readers.read_modelnet_off(root, split, self.num_points, self.seed)
+        elif self.source == "modelnet_h5":
+            s = readers.read_modelnet_h5(root, split, self.num_points)
+        elif self.source == "modelnet_txt":
+            return readers.read_modelnet_txt(root, split, self.num_points, self.num_category or 40)
+        elif self.source == "scanobjectnn_h5":
             name = "training" if split == "train" else "test"
-            return readers.read_scanobjectnn_h5(root / f"{name}_objectdataset{self.h5_suffix}.h5", self.num_points)
-        raise ValueError(f"unknown data source {self.source!r}")
+            s = readers.read_scanobjectnn_h5(root / f"{name}_objectdataset{self.h5_suffix}.h5", self.num_points)
+        else:
+            raise ValueError(f"unknown data source {self.source!r}")
+        if self.num_category is not None and len(s.class_names) != self.num_category:
+            raise ValueError(f"data.num_category={self.num_category} but {root} ({self.source}) has {len(s.class_names)} classes "
+                             f"({', '.join(s.class_names[:5])}, ...); for ModelNet10 meshes point data.root at ModelNet10/")
+        return s
 
     @property
     def num_classes(self) -> int:
@@ -219,6 +250,9 @@ class PointCloudData(SuiteDataModule):
                 self._add(name, s, idx, s.labels[idx])
             return
         train, test = self.pool("train"), self.pool("test")
+        if train.class_names != test.class_names:  # one class list per dataset, or labels would not mean the same
+            raise ValueError(f"{self.source} at {self.root}: the train and test splits list different classes "
+                             f"({train.class_names} vs {test.class_names})")
         self.class_names = train.class_names
         if self.n_way is None:
             parts = split_by_group(np.arange(len(train.points)), {"train": 0.9, "val": 0.1}, self.seed)
@@ -248,10 +282,11 @@ class PointCloudData(SuiteDataModule):
 
 
 def _listing(root: str | None) -> str:
-    """Names and sizes of every file under ``root``: the real-data cache key changes with the data."""
+    """Names, sizes and modification times of every file under ``root``: the real-data cache key
+    changes with the data (a file replaced by one of the same size included)."""
     entries = []
     for dirpath, _, files in os.walk(root or "."):
         for f in files:
-            p = os.path.join(dirpath, f)
-            entries.append(f"{os.path.relpath(p, root)}:{os.path.getsize(p)}")
+            st = os.stat(os.path.join(dirpath, f))
+            entries.append(f"{os.path.relpath(os.path.join(dirpath, f), root)}:{st.st_size}:{st.st_mtime_ns}")
     return f"{os.path.abspath(root or '.')}|" + hashlib.sha256("\n".join(sorted(entries)).encode()).hexdigest()

@@ -7,13 +7,17 @@ probability proportional to area (so a large table top gets more points than a t
 scanner or ModelNet's mesh sampling would give), normalised to the unit sphere, jittered, and -
 for the ScanObjectNN-like ``scan`` variant - seen from one viewpoint so the far side is occluded.
 
-Meshes are ``(vertices (V, 3), faces (F, 3))`` numpy arrays, z up. All randomness comes from one
-``numpy.random.Generator`` so a (seed, class, index) triple always yields the same cloud.
+Two disjoint sets of classes, as Point-MAE pretrains on one corpus (ShapeNet) and is tested
+few-shot on another (ModelNet): :data:`FEW_SHOT_CLASSES` (15 ModelNet-like categories, the
+episodes' classes) and :data:`PRETRAIN_CLASSES` (12 other part-built categories, only ever
+reconstructed in pretraining). Meshes are ``(vertices (V, 3), faces (F, 3))`` numpy arrays, z up.
+All randomness comes from one ``numpy.random.Generator`` so a (seed, class, index) triple always
+yields the same cloud.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,9 +45,14 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.rand
 
 
 def normalize_unit_sphere(points: np.ndarray) -> np.ndarray:
-    """Centre on the centroid and scale into the unit sphere (ModelNet's ``pc_normalize``)."""
-    points = points - points.mean(0)
-    return points / max(float(np.linalg.norm(points, axis=1).max()), 1e-9)
+    """Centre on the centroid and scale into the unit sphere: PointNet++'s ``pc_normalize``
+    (also Point-BERT's and Point-MAE's ModelNet loaders), the same operations in the same order.
+    A cloud with no extent (every point equal) has no unit-sphere form and is refused."""
+    points = points - np.mean(points, axis=0)
+    m = np.max(np.sqrt(np.sum(points**2, axis=1)))
+    if not m > 0:
+        raise ValueError(f"cannot scale a cloud to the unit sphere: its largest distance from the centroid is {m}")
+    return points / m
 
 
 # --- primitives ---------------------------------------------------------------------------------------
@@ -108,6 +117,17 @@ def ellipsoid(radii: tuple[float, float, float], centre=(0.0, 0.0, 0.0)) -> Mesh
     t = np.linspace(0, np.pi, 9)
     v, f = revolution(np.sin(t), -np.cos(t), segments=16)
     return v * radii + centre, f
+
+
+def rotate(mesh: Mesh, axis: str, angle: float, origin=(0.0, 0.0, 0.0)) -> Mesh:
+    """``mesh`` rotated by ``angle`` radians about the line through ``origin`` along ``axis``."""
+    c, s = np.cos(angle), np.sin(angle)
+    i, j = {"x": (1, 2), "y": (2, 0), "z": (0, 1)}[axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    v, f = mesh
+    origin = np.asarray(origin, float)
+    return (v - origin) @ r.T + origin, f
 
 
 # --- classes ------------------------------------------------------------------------------------------
@@ -252,11 +272,140 @@ def car(rng) -> Mesh:
     return merge(*parts)
 
 
-#: the classes of the embedded corpus, in label order
-CLASSES: dict[str, Callable[[np.random.Generator], Mesh]] = {
+# --- pretraining-only classes (never in a few-shot episode) ----------------------------------------
+def bathtub(rng) -> Mesh:
+    w, d, h, t = rng.uniform(1.4, 1.8), rng.uniform(0.7, 0.85), rng.uniform(0.45, 0.6), 0.05
+    parts = [box((w, d, t), (0, 0, t / 2)), box((t, d, h), (-w / 2, 0, h / 2)), box((t, d, h), (w / 2, 0, h / 2)),
+             box((w, t, h), (0, -d / 2, h / 2)), box((w, t, h), (0, d / 2, h / 2))]
+    if rng.random() < 0.5:  # claw feet
+        parts += _legs(rng, w / 2 - 0.1, d / 2 - 0.1, 0.1, 0.06, z0=-0.1, round_=True)
+    return merge(*parts)
+
+
+def cabinet(rng) -> Mesh:
+    w, d, h = rng.uniform(0.6, 1.2), rng.uniform(0.4, 0.55), rng.uniform(0.7, 1.3)
+    n = int(rng.integers(3, 6))
+    parts = [box((w, d, h), (0, 0, 0.05 + h / 2)), box((w * 0.95, d * 0.95, 0.05), (0, 0, 0.025))]
+    for z in 0.05 + (np.arange(n) + 0.5) * h / n:  # drawer fronts and their handles
+        parts += [box((w * 0.9, 0.02, h / n * 0.85), (0, -d / 2 - 0.01, z)), box((w * 0.2, 0.03, 0.02), (0, -d / 2 - 0.035, z))]
+    return merge(*parts)
+
+
+def clock(rng) -> Mesh:
+    r, t = rng.uniform(0.15, 0.3), rng.uniform(0.04, 0.08)
+    base_z = r + (0.05 if rng.random() < 0.5 else 0.0)
+    parts = [cylinder(r, t, (0, 0, base_z), axis="y"), torus_arc(r, t * 0.4, 0, 2 * np.pi, (0, 0, base_z)),
+             rotate(box((0.012, 0.01, r * 0.7), (0, -t / 2 - 0.01, base_z + r * 0.35)), "y", rng.uniform(0, 2 * np.pi), (0, 0, base_z)),
+             rotate(box((0.016, 0.01, r * 0.5), (0, -t / 2 - 0.02, base_z + r * 0.25)), "y", rng.uniform(0, 2 * np.pi), (0, 0, base_z))]
+    if base_z > r:  # a mantel clock on a plinth
+        parts.append(box((r * 1.4, t * 1.5, 0.05), (0, 0, 0.025)))
+    return merge(*parts)
+
+
+def faucet(rng) -> Mesh:
+    h, reach = rng.uniform(0.15, 0.28), rng.uniform(0.05, 0.1)
+    parts = [cylinder(rng.uniform(0.025, 0.04), 0.02, (0, 0, 0.01)), cylinder(0.015, h, (0, 0, h / 2)),
+             torus_arc(reach / 2, 0.012, 0, np.pi, (reach / 2, 0, h)),  # spout arching over and down
+             cylinder(0.012, reach * 0.5, (reach, 0, h - reach * 0.25))]
+    handle = cylinder(0.01, 0.06, (0, 0.04, h * 0.7), axis="y") if rng.random() < 0.5 else box((0.08, 0.015, 0.015), (-0.03, 0, h + 0.01))
+    return merge(*parts, handle)
+
+
+def guitar(rng) -> Mesh:
+    lower, upper, depth = rng.uniform(0.17, 0.22), rng.uniform(0.12, 0.16), rng.uniform(0.04, 0.06)
+    neck = rng.uniform(0.4, 0.5)
+    return merge(
+        ellipsoid((lower, depth, lower * 1.05), (0, 0, lower)),
+        ellipsoid((upper, depth, upper), (0, 0, 1.8 * lower + upper * 0.6)),
+        box((0.05, 0.025, neck), (0, 0, 1.8 * lower + 1.4 * upper + neck / 2)),
+        box((0.08, 0.02, 0.18), (0, 0.005, 1.8 * lower + 1.4 * upper + neck + 0.09)),
+    )
+
+
+def laptop(rng) -> Mesh:
+    w, d, t = rng.uniform(0.3, 0.4), rng.uniform(0.22, 0.28), rng.uniform(0.015, 0.025)
+    opening = rng.uniform(np.radians(95), np.radians(130))  # screen angle to the keyboard
+    screen = box((w, d, 0.01), (0, d / 2 + d / 2, t))  # lies flat behind the base, then hinges up
+    return merge(box((w, d, t), (0, 0, t / 2)), rotate(screen, "x", np.pi - opening, (0, d / 2, t)))
+
+
+def mailbox(rng) -> Mesh:
+    post, l, w, h = rng.uniform(0.9, 1.2), rng.uniform(0.4, 0.55), rng.uniform(0.15, 0.22), rng.uniform(0.12, 0.18)
+    return merge(
+        box((0.08, 0.08, post), (0, 0, post / 2)),
+        box((l, w, h), (0, 0, post + h / 2)),
+        cylinder(w / 2, l, (0, 0, post + h), axis="x"),  # the rounded roof
+        box((0.02, 0.1, 0.15), (l * 0.3, w / 2 + 0.01, post + h + 0.05)),  # the flag
+    )
+
+
+def piano(rng) -> Mesh:
+    w, d, h = rng.uniform(1.4, 1.6), rng.uniform(0.55, 0.65), rng.uniform(1.1, 1.3)
+    key_z = rng.uniform(0.68, 0.75)
+    return merge(
+        box((w, d, h), (0, 0, h / 2)),
+        box((w * 0.95, 0.28, 0.08), (0, -d / 2 - 0.14, key_z)),  # keyboard shelf
+        box((0.06, 0.06, key_z), (-w * 0.45, -d / 2 - 0.24, key_z / 2)),
+        box((0.06, 0.06, key_z), (w * 0.45, -d / 2 - 0.24, key_z / 2)),
+        box((w * 0.5, 0.02, 0.3), (0, -d / 2 - 0.05, key_z + 0.35)),  # music stand
+    )
+
+
+def rocket(rng) -> Mesh:
+    r, h, nose = rng.uniform(0.06, 0.1), rng.uniform(0.8, 1.2), rng.uniform(0.15, 0.3)
+    parts = [cylinder(r, h, (0, 0, h / 2)), revolution(np.array([r, r * 0.6, 0]), np.array([h, h + nose * 0.6, h + nose]))]
+    n_fins = int(rng.integers(3, 5))
+    fin = box((0.01, r * 2.5, h * 0.25), (0, r + r * 1.25, h * 0.125))
+    parts += [rotate(fin, "z", 2 * np.pi * k / n_fins) for k in range(n_fins)]
+    parts.append(revolution(np.array([r * 0.5, r * 0.8]), np.array([0, -0.08])))  # nozzle
+    return merge(*parts)
+
+
+def skateboard(rng) -> Mesh:
+    l, w, wheel = rng.uniform(0.7, 0.85), rng.uniform(0.19, 0.23), rng.uniform(0.025, 0.035)
+    z = 2 * wheel + 0.04
+    parts = [box((l, w, 0.015), (0, 0, z))]
+    for sx in (-1, 1):  # kick tails bent up at both ends
+        parts.append(rotate(box((0.12, w, 0.015), (sx * (l / 2 + 0.06), 0, z)), "y", -sx * 0.3, (sx * l / 2, 0, z)))
+    for sx in (-1, 1):
+        parts.append(box((0.05, w * 0.8, 0.04), (sx * l * 0.35, 0, z - 0.02)))  # trucks
+        for sy in (-1, 1):
+            parts.append(cylinder(wheel, 0.03, (sx * l * 0.35, sy * w * 0.45, wheel), axis="y"))
+    return merge(*parts)
+
+
+def loudspeaker(rng) -> Mesh:
+    w, d, h = rng.uniform(0.2, 0.35), rng.uniform(0.2, 0.3), rng.uniform(0.35, 0.9)
+    parts = [box((w, d, h), (0, 0, h / 2))]
+    n = int(rng.integers(1, 4))
+    for k in range(n):  # cone drivers on the front face, largest at the bottom
+        r = w * 0.4 * (1 - 0.25 * k)
+        z = h * (k + 0.5) / n
+        v, f = rotate(revolution(np.array([r, r * 0.3]), np.array([0, 0.04])), "x", np.pi / 2)  # axis z -> -y
+        parts.append((v + (0, -d / 2, z), f))
+    return merge(*parts)
+
+
+def tent(rng) -> Mesh:
+    r, h, sides = rng.uniform(1.0, 1.6), rng.uniform(1.2, 2.0), int(rng.integers(4, 7))
+    parts = [revolution(np.array([r, 0]), np.array([0, h]), segments=sides)]  # a pyramid of canvas
+    if rng.random() < 0.5:
+        parts.append(cylinder(0.02, 0.3, (0, 0, h + 0.1)))  # the pole through the apex
+    return merge(*parts)
+
+
+#: the 15 ModelNet-like classes of the few-shot episodes, in label order
+FEW_SHOT_CLASSES: dict[str, Callable[[np.random.Generator], Mesh]] = {
     f.__name__: f
     for f in (airplane, bed, bench, bookshelf, bottle, bowl, car, chair, cup, lamp, monitor, sofa, stool, table, vase)
 }
+#: the 12 classes only the pretraining corpus has (as ShapeNet's categories are for Point-MAE)
+PRETRAIN_CLASSES: dict[str, Callable[[np.random.Generator], Mesh]] = {
+    f.__name__: f
+    for f in (bathtub, cabinet, clock, faucet, guitar, laptop, loudspeaker, mailbox, piano, rocket, skateboard, tent)
+}
+#: every class; a cloud's random stream is seeded by its index here, whatever subset is drawn
+ALL_CLASSES = FEW_SHOT_CLASSES | PRETRAIN_CLASSES
 
 
 # --- clouds ---------------------------------------------------------------------------------------------
@@ -277,11 +426,11 @@ def occlude(points: np.ndarray, rng: np.random.Generator, distance: float = 3.0)
     return points[np.sort(visible)]
 
 
-def make_cloud(label: int, num_points: int, rng: np.random.Generator, variant: str = "clean") -> np.ndarray:
-    """One ``(num_points, 3)`` float32 cloud of class ``label`` (an index into :data:`CLASSES`)."""
+def make_cloud(name: str, num_points: int, rng: np.random.Generator, variant: str = "clean") -> np.ndarray:
+    """One ``(num_points, 3)`` float32 cloud of class ``name`` (a key of :data:`ALL_CLASSES`)."""
     if variant not in ("clean", "scan"):
         raise ValueError(f"variant must be 'clean' (ModelNet-like) or 'scan' (ScanObjectNN-like), got {variant!r}")
-    v, f = list(CLASSES.values())[label](rng)
+    v, f = ALL_CLASSES[name](rng)
     # ModelNet is roughly aligned (small yaw); scans come at any yaw around the up axis
     yaw = rng.uniform(-np.pi, np.pi) if variant == "scan" else rng.uniform(-0.2, 0.2)
     c, s = np.cos(yaw), np.sin(yaw)
@@ -295,12 +444,20 @@ def make_cloud(label: int, num_points: int, rng: np.random.Generator, variant: s
     return (pts + rng.normal(0, 0.01, pts.shape)).astype(np.float32)
 
 
-def make_corpus(per_class: int, num_points: int, seed: int, variant: str = "clean") -> tuple[np.ndarray, np.ndarray]:
-    """``per_class`` clouds of every class: points ``(M, num_points, 3)`` and labels ``(M,)``."""
+def make_corpus(
+    per_class: int, num_points: int, seed: int, variant: str = "clean", classes: Sequence[str] = tuple(FEW_SHOT_CLASSES)
+) -> tuple[np.ndarray, np.ndarray]:
+    """``per_class`` clouds of every class in ``classes``: points ``(M, num_points, 3)`` and labels
+    ``(M,)`` indexing ``classes``. Each cloud is seeded by (seed, its class's index in
+    :data:`ALL_CLASSES`, its index), so it is the same cloud whichever subset it is drawn with."""
+    unknown = [c for c in classes if c not in ALL_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}; the corpus has {list(ALL_CLASSES)}")
+    order = list(ALL_CLASSES)
     points, labels = [], []
-    for label in range(len(CLASSES)):
+    for label, name in enumerate(classes):
         for i in range(per_class):
-            rng = np.random.default_rng([seed, label, i])  # each cloud reproducible on its own
-            points.append(make_cloud(label, num_points, rng, variant))
+            rng = np.random.default_rng([seed, order.index(name), i])  # each cloud reproducible on its own
+            points.append(make_cloud(name, num_points, rng, variant))
             labels.append(label)
     return np.stack(points), np.asarray(labels, dtype=np.int64)
