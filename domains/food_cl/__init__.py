@@ -1,0 +1,1 @@
+"""Food recognition under dual imbalance: class-incremental learning with merged adapters (DIME)."""
