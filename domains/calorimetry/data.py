@@ -1,20 +1,20 @@
-"""Calorimeter showers: the CaloChallenge HDF5 reader, the geometry and the DataModule (the generator is ``synth.py``).
+"""Calorimeter showers: hit lists and the DataModule (readers in ``formats.py``, the binning in
+``geometry.py``, the generator in ``synth.py``).
 
-One on-disk layout serves both real and generated data (the CaloChallenge one, arXiv 2410.21611):
-``incident_energies`` (N, 1) and ``showers`` (N, n_voxels), energies in MeV, voxels flattened
-over the detector binning in C order (layer-major). The generator writes exactly that, cached
-under ``data/generated/calorimetry``.
+Two on-disk layouts are read: CaloChallenge's dense one (arXiv 2410.21611; ``incident_energies``
+(N, 1) and ``showers`` (N, n_voxels) in MeV, voxels flattened over the detector binning) and
+FM4CAL's sparse per-event groups. The generator writes the dense one, cached under
+``data/generated/calorimetry``. The detector binning is cartesian for the generator or read from
+CaloChallenge's ``binning_dataset_*.xml`` files.
 
-Classes are ``<material>_<particle>`` (``W_photon``, ``Pb_electron``): one expert per class.
+Classes are ``<material>_<particle>`` (``W_photon``, ``Pb_electron``, ``ATLAS_pion``): one expert per class.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -22,89 +22,20 @@ from torch.utils.data import Dataset
 
 from suite.data import SuiteDataModule, file_hash, split_by_group
 
-PARTICLES = ("photon", "electron")
-
-
-def parse_class(name: str) -> tuple[str, str]:
-    """``"W_photon"`` -> ``("W", "photon")``, with a clear error for anything else."""
-    material, _, particle = name.rpartition("_")
-    if not material or particle not in PARTICLES:
-        raise ValueError(f"class {name!r} must be '<material>_<particle>' with particle in {PARTICLES}, e.g. 'W_photon'")
-    return material, particle
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Detector binning: ``grid`` = (layers, a, b) voxels, flattened in C order as CaloChallenge does.
-
-    ``kind="cartesian"``: (a, b) = (y, x) square cells of ``cell_mm`` centred on the beam.
-    ``kind="cylindrical"``: (a, b) = (angular, radial) bins with radial edges ``r_edges_mm``
-    (CaloChallenge datasets 2 and 3: 45 layers x 16 angles x 9 radial bins).
-    """
-
-    grid: tuple[int, int, int] = (10, 8, 8)
-    layer_mm: float = 8.0
-    cell_mm: float = 5.0
-    kind: str = "cartesian"
-    r_edges_mm: tuple[float, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        if len(self.grid) != 3 or min(self.grid) < 1:
-            raise ValueError(f"geometry grid must be 3 positive ints (layers, a, b), got {self.grid}")
-        if self.kind not in ("cartesian", "cylindrical"):
-            raise ValueError(f"geometry kind must be 'cartesian' or 'cylindrical', got {self.kind!r}")
-        if self.kind == "cylindrical" and len(self.r_edges_mm) != self.grid[2] + 1:
-            raise ValueError(f"cylindrical geometry needs {self.grid[2] + 1} r_edges_mm, got {len(self.r_edges_mm)}")
-
-    @property
-    def n_voxels(self) -> int:
-        return int(np.prod(self.grid))
-
-    def voxel_positions(self) -> np.ndarray:
-        """(n_voxels, 3): layer index, x [mm], y [mm] of every voxel centre, in flattening order."""
-        nz, na, nb = self.grid
-        z, a, b = np.meshgrid(np.arange(nz), np.arange(na), np.arange(nb), indexing="ij")
-        if self.kind == "cartesian":
-            y = (a + 0.5 - na / 2) * self.cell_mm
-            x = (b + 0.5 - nb / 2) * self.cell_mm
-        else:
-            edges = np.asarray(self.r_edges_mm, dtype=np.float64)
-            r = ((edges[:-1] + edges[1:]) / 2)[b]
-            alpha = (a + 0.5) * 2 * np.pi / na
-            x, y = r * np.cos(alpha), r * np.sin(alpha)
-        return np.stack([z, x, y], -1).reshape(-1, 3).astype(np.float64)
-
-
-# --- the CaloChallenge reader -------------------------------------------------------------------
-def read_calochallenge(path: str | Path, n_voxels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``incident_energies`` (N,) and ``showers`` (N, n_voxels), both in MeV, validating the layout."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such CaloChallenge HDF5 file")
-    with h5py.File(path, "r") as f:
-        for key in ("incident_energies", "showers"):
-            if key not in f:
-                raise KeyError(f"{path}: missing dataset {key!r}; expected 'incident_energies' (N, 1) and 'showers' (N, {n_voxels})")
-        inc = np.asarray(f["incident_energies"][()], dtype=np.float64)
-        showers = np.asarray(f["showers"][()], dtype=np.float32)
-    if inc.ndim != 2 or inc.shape[1] != 1:
-        raise ValueError(f"{path}: 'incident_energies' has shape {inc.shape}, expected (N, 1)")
-    if showers.ndim != 2 or showers.shape != (inc.shape[0], n_voxels):
-        raise ValueError(f"{path}: 'showers' has shape {showers.shape}, expected ({inc.shape[0]}, {n_voxels}) for this geometry")
-    if not (np.isfinite(inc).all() and (inc > 0).all()):
-        raise ValueError(f"{path}: 'incident_energies' must be finite and > 0 MeV")
-    if not (np.isfinite(showers).all() and (showers >= 0).all()):
-        raise ValueError(f"{path}: 'showers' must be finite and >= 0 MeV")
-    return inc[:, 0], showers
-
-
-def write_calochallenge(path: str | Path, incident_mev: np.ndarray, showers_mev: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
-    """Write the CaloChallenge layout (plus optional file attributes, e.g. material and particle)."""
-    with h5py.File(path, "w") as f:
-        f.create_dataset("incident_energies", data=np.asarray(incident_mev, np.float32).reshape(-1, 1))
-        f.create_dataset("showers", data=np.asarray(showers_mev, np.float32), compression="gzip", compression_opts=4)
-        for k, v in (attrs or {}).items():
-            f.attrs[k] = v
+from .formats import (  # noqa: F401 - re-exported: the domain's readers live in one place
+    PARTICLES,
+    CaloFormatError,
+    CaloUnitWarning,
+    ShowerFile,
+    parse_class,
+    read_calochallenge,
+    read_showers,
+    read_sparse_showers,
+    reference_class_name,
+    write_calochallenge,
+    write_sparse_showers,
+)
+from .geometry import CylinderLayer, Geometry, read_binning_xml  # noqa: F401
 
 
 # --- sparse hits and the DataModule ---------------------------------------------------------------
@@ -113,6 +44,16 @@ def shower_hits(shower: np.ndarray, threshold_mev: float) -> tuple[np.ndarray, n
     idx = np.flatnonzero(shower >= threshold_mev)
     order = np.argsort(-shower[idx], kind="stable")
     return idx[order], shower[idx[order]]
+
+
+def sparse_hits(voxels: np.ndarray, energies: np.ndarray, threshold_mev: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`shower_hits` of a sparse shower (same order: energy descending, ties by voxel index)."""
+    by_voxel = np.argsort(voxels, kind="stable")
+    v, e = voxels[by_voxel], energies[by_voxel]
+    keep = e >= threshold_mev
+    v, e = v[keep], e[keep]
+    order = np.argsort(-e, kind="stable")
+    return v[order], e[order]
 
 
 class ShowerSet(Dataset):
@@ -148,14 +89,21 @@ def collate_showers(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class CaloShowerData(SuiteDataModule):
-    """Showers per class, generated (default) or read from CaloChallenge files.
+    """Showers per class, generated (default) or read from CaloChallenge / FM4CAL files.
 
     Args:
         classes: classes to train on (this stage's new classes).
         eval_classes: classes validated and tested (default: ``classes``); later stages list the
             old ones too, to show they are not forgotten.
-        files: real data: ``{class: path.hdf5}`` in the CaloChallenge layout; classes not listed are generated.
+        files: real data: ``{class: path.hdf5}`` in CaloChallenge's dense layout or FM4CAL's
+            sparse groups (detected per file); classes not listed are generated.
         grid, layer_mm, cell_mm: the geometry (must match the model's ``grid``).
+        binning_xml, binning_particle: a CaloChallenge ``binning_dataset_*.xml`` to take the
+            geometry from (cylindrical, angle origin -pi as its XMLHandler) and the name of the
+            ``Bin`` to read (default: the only one); ``grid`` must then equal the file's
+            (``[45, 16, 9]`` for dataset 2, ``[1, 1, 368]`` for dataset 1's photons).
+        energy_unit: ``"auto"`` (MeV as the layouts say; GeV detected by range, converted and
+            warned about), ``"MeV"`` or ``"GeV"``.
         n_per_class: generated showers per class.
         energy_range_gev: incident energies, sampled log-uniformly.
         sampling_term: stochastic term a of sigma_E/E = a/sqrt(E).
@@ -175,6 +123,9 @@ class CaloShowerData(SuiteDataModule):
         grid: list[int] = [10, 8, 8],  # noqa: B006
         layer_mm: float = 8.0,
         cell_mm: float = 5.0,
+        binning_xml: str | None = None,
+        binning_particle: str | None = None,
+        energy_unit: str = "auto",
         n_per_class: int = 800,
         energy_range_gev: list[float] = [10.0, 100.0],  # noqa: B006
         sampling_term: float = 0.10,
@@ -188,10 +139,19 @@ class CaloShowerData(SuiteDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed)
         for c in list(classes) + list(eval_classes or []) + list(files or {}):
             parse_class(c)
+        if energy_unit not in ("auto", "MeV", "GeV"):
+            raise ValueError(f"energy_unit must be 'auto', 'MeV' or 'GeV', got {energy_unit!r}")
         self.classes = list(classes)
         self.eval_classes = list(eval_classes) if eval_classes is not None else list(classes)
         self.files = dict(files or {})
-        self.geometry = Geometry(tuple(grid), layer_mm, cell_mm)
+        if binning_xml is not None:
+            self.geometry = read_binning_xml(binning_xml, binning_particle)
+            if tuple(grid) != self.geometry.grid:
+                raise ValueError(f"grid {list(grid)} does not match {binning_xml} ({list(self.geometry.grid)}); "
+                                 f"set data.init_args.grid (and so the model's) to {list(self.geometry.grid)}")
+        else:
+            self.geometry = Geometry(tuple(grid), layer_mm, cell_mm)
+        self.energy_unit = energy_unit
         self.n_per_class = n_per_class
         self.energy_range_gev = list(energy_range_gev)
         self.sampling_term = sampling_term
@@ -208,10 +168,16 @@ class CaloShowerData(SuiteDataModule):
 
         return generated_file(cls, self.n_per_class, self.geometry, self.energy_range_gev, self.sampling_term, self.seed)
 
-    def load_class(self, cls: str) -> tuple[np.ndarray, np.ndarray]:
+    def load_class(self, cls: str) -> ShowerFile:
+        """The class's showers; a file of FM4CAL's layout must hold only that class's material."""
         path = self.class_file(cls)
         self.data_hashes[cls] = file_hash(path)
-        return read_calochallenge(path, self.geometry.n_voxels)
+        showers = read_showers(path, self.geometry.grid, self.energy_unit)
+        labels = {m for m in showers.materials if m is not None}
+        wrong = sorted(m for m in labels if reference_class_name(m) != cls) if labels else []
+        if wrong:
+            raise CaloFormatError(path, "material", f"only events of class {cls}", f"materials {sorted(labels)}")
+        return showers
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -221,19 +187,20 @@ class CaloShowerData(SuiteDataModule):
         # evaluation classes first, in their listed order: later stages append classes, so an old
         # class's test showers stay in the same batches from stage to stage
         for cls in dict.fromkeys(self.eval_classes + self.classes):
-            inc, showers = self.load_class(cls)
-            below = showers * (showers < self.threshold_mev)
-            hits, cut_showers, cut_energy = [], 0, 0.0
-            for s in showers:
-                v, e = shower_hits(s, self.threshold_mev)
+            showers = self.load_class(cls)
+            hits, cut_showers, cut_energy, below, total = [], 0, 0.0, 0.0, 0.0
+            for v_all, e_all in zip(showers.voxels, showers.energies):
+                v, e = sparse_hits(v_all, e_all, self.threshold_mev)
+                total += float(e_all.sum())
+                below += float(e_all.sum()) - float(e.sum())
                 if len(v) > self.max_hits:
                     cut_showers += 1
                     cut_energy += float(e[self.max_hits :].sum())
                     v, e = v[: self.max_hits], e[: self.max_hits]
                 hits.append((v, e))
-            total = float(showers.sum()) or 1.0
+            total = total or 1.0
             self.cut_report[cls] = {
-                "below_threshold_energy_fraction": float(below.sum()) / total,
+                "below_threshold_energy_fraction": below / total,
                 "showers_over_max_hits": cut_showers,
                 "over_max_hits_energy_fraction": cut_energy / total,
             }
@@ -243,6 +210,7 @@ class CaloShowerData(SuiteDataModule):
                 f"{self.threshold_mev} MeV; {cut_showers} showers cut to {self.max_hits} hits "
                 f"({100 * self.cut_report[cls]['over_max_hits_energy_fraction']:.2f} % of energy)"
             )
+            inc = showers.incident_mev
             split = split_by_group(np.arange(len(showers)), self.fractions, seed=self.seed)
             for name, idx in split.items():
                 if name == "train" and cls not in self.classes:

@@ -1,20 +1,27 @@
-"""Shower observables and the CaloChallenge-style comparisons of generated and reference showers.
+"""Shower observables and two families of comparisons of generated and reference showers.
 
-Observables per shower: deposited/incident energy, number of hits, longitudinal and lateral
-centroids and widths; plus the mean longitudinal and lateral (radial) profiles of a sample.
-Each is compared by the separation power ``0.5 sum (h1 - h2)^2 / (h1 + h2)`` of normalised
-histograms (0 = identical, 1 = disjoint; the CaloChallenge measure, arXiv 2410.21611) and by a
-binned KL divergence. A classifier AUC on the observables is the third, global check (0.5 =
-indistinguishable).
+**Ours** (:func:`compare`): per shower deposited/incident energy, number of hits, longitudinal
+and lateral centroids and widths, plus the mean longitudinal and lateral (radial) profiles of a
+sample. Each is compared by the separation power ``0.5 sum (h1 - h2)^2 / (h1 + h2)`` of
+normalised histograms (0 = identical, 1 = disjoint; the CaloChallenge measure, arXiv
+2410.21611) and by a binned KL divergence. A classifier AUC on the observables is the third,
+global check (0.5 = indistinguishable).
+
+**FM4CAL's** (:func:`reference_metrics`, its ``plotting.py`` and ``utils/metrics.py``): cells
+above 0.1 MeV only; per observable the 1-Wasserstein distance (``scipy.stats``) and the KL
+divergence on bins that are quantiles of the reference sample. Observables: the visible
+cell-energy spectrum, the energy sum, the number of hits, the centre of gravity in x, y, z, and
+the longitudinal and radial profiles.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.stats import entropy, wasserstein_distance
 from torchmetrics.functional.classification import binary_auroc
 
-from .data import Geometry
+from .geometry import Geometry
 
 #: per-shower scalar observables, in the order :func:`shower_observables` returns them
 OBSERVABLES = ("e_ratio", "n_hits", "z_centroid", "z_width", "x_centroid", "y_centroid", "x_width", "y_width", "r_mean")
@@ -56,8 +63,11 @@ def shower_observables(showers: np.ndarray, incident_mev: np.ndarray, geometry: 
 
 
 def longitudinal_profile(showers: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Energy per layer (N, n_layers)."""
-    return np.asarray(showers, dtype=np.float64).reshape(len(showers), geometry.grid[0], -1).sum(-1)
+    """Energy per layer (N, n_layers), over the geometry's real layers (dataset 1: its 5 or 7)."""
+    layer = geometry.voxel_cells()[:, 0]
+    onehot = np.zeros((geometry.n_voxels, geometry.n_layers))
+    onehot[np.arange(geometry.n_voxels), layer] = 1.0
+    return np.asarray(showers, dtype=np.float64) @ onehot
 
 
 def lateral_profile(showers: np.ndarray, geometry: Geometry, r_edges_mm: np.ndarray) -> np.ndarray:
@@ -188,3 +198,96 @@ def _fit_auc(reference: np.ndarray, generated: np.ndarray, seed: int, steps: int
     opt.step(closure)
     with torch.no_grad():
         return float(binary_auroc(xs[te] @ w + b, y[te].long()))
+
+
+# --- FM4CAL's metrics ---------------------------------------------------------------------------------
+#: FM4CAL counts a cell only above 0.1 MeV (``plotting.py``: ``features["energy"] > 0.1``)
+REFERENCE_CUT_MEV = 0.1
+#: what FM4CAL compares, in the order :func:`reference_metrics` reports them
+REFERENCE_OBSERVABLES = ("cell_energy", "energy_sum", "n_hits", "cog_x", "cog_y", "cog_z", "longitudinal", "radial")
+#: FM4CAL's constant added to the generated bins of its quantile KL (``utils/metrics.py``)
+QUANTILE_KL_EPS = 1e-10
+
+
+def quantile_kl(reference: np.ndarray, generated: np.ndarray, n_bins: int = 30) -> float:
+    """KL(reference || generated) on ``n_bins`` bins that are quantiles of the reference.
+
+    As FM4CAL's ``quantiled_kl_divergence``: edges at the reference quantiles, the outer ones at
+    -inf and +inf; p and q are the two samples' bin fractions, q + 1e-10, and
+    ``scipy.stats.entropy(p, q)`` renormalises both. Ties in a discrete observable collapse
+    edges; the collapsed bins are empty in both samples and contribute nothing.
+    """
+    ref, gen = np.asarray(reference, dtype=np.float64), np.asarray(generated, dtype=np.float64)
+    if len(ref) == 0 or len(gen) == 0:
+        return float("nan")
+    edges = np.quantile(ref, np.linspace(0.0, 1.0, n_bins + 1))
+    edges[0], edges[-1] = -np.inf, np.inf
+    p = np.histogram(ref, edges)[0] / len(ref)
+    q = np.histogram(gen, edges)[0] / len(gen) + QUANTILE_KL_EPS
+    return float(entropy(p, q))
+
+
+def profile_kl(reference: np.ndarray, generated: np.ndarray) -> float:
+    """KL(reference || generated) of two profiles already binned (energy per layer or ring), with
+    the same 1e-10 on the generated bins as :func:`quantile_kl`."""
+    p = np.asarray(reference, dtype=np.float64)
+    q = np.asarray(generated, dtype=np.float64)
+    if p.sum() <= 0 or q.sum() <= 0:
+        return float("nan")
+    return float(entropy(p / p.sum(), q / q.sum() + QUANTILE_KL_EPS))
+
+
+def reference_observables(showers: np.ndarray, geometry: Geometry, cut_mev: float = REFERENCE_CUT_MEV) -> dict[str, np.ndarray]:
+    """FM4CAL's observables of showers (N, n_voxels) [MeV], cells above ``cut_mev`` only.
+
+    Per-shower samples: ``cell_energy`` (every visible cell of every shower), ``energy_sum``,
+    ``n_hits``, ``cog_x`` / ``cog_y`` [mm] and ``cog_z`` [layer] (energy-weighted means; showers
+    with no visible cell have none and are left out). Profiles (summed over showers):
+    ``longitudinal`` (energy per layer) and ``voxel_energy`` (energy per voxel, for the radial one).
+    """
+    e = np.asarray(showers, dtype=np.float64)
+    e = np.where(e > cut_mev, e, 0.0)
+    pos = geometry.voxel_positions()
+    total = e.sum(1)
+    seen = total > 0
+    cog = (e[seen] @ pos) / total[seen, None]
+    return {
+        "cell_energy": e[e > 0],
+        "energy_sum": total,
+        "n_hits": (e > 0).sum(1).astype(np.float64),
+        "cog_x": cog[:, 1], "cog_y": cog[:, 2], "cog_z": cog[:, 0],
+        "longitudinal": longitudinal_profile(e, geometry).sum(0),
+        "voxel_energy": e.sum(0),
+    }
+
+
+def reference_metrics(reference: np.ndarray, generated: np.ndarray, geometry: Geometry,
+                      cut_mev: float = REFERENCE_CUT_MEV, n_bins: int = 30) -> dict[str, float]:
+    """1-Wasserstein distance and quantile KL of each of FM4CAL's observables, reference vs generated.
+
+    Returns ``{"w1/<name>", "kl/<name>"}`` for :data:`REFERENCE_OBSERVABLES` and ``"kl_mean"``.
+    W1 is in the observable's unit (MeV, hits, mm, layers). The profiles are energy-weighted
+    distributions of the layer index and of the radius: W1 with the energies as weights, KL over
+    the layers and over :meth:`Geometry.radial_edges` rings (FM4CAL shows these profiles without
+    a number of their own; see the README).
+    """
+    r, g = reference_observables(reference, geometry, cut_mev), reference_observables(generated, geometry, cut_mev)
+    out: dict[str, float] = {}
+    for name in REFERENCE_OBSERVABLES[:6]:
+        a, b = r[name], g[name]
+        out[f"w1/{name}"] = float(wasserstein_distance(a, b)) if len(a) and len(b) else float("nan")
+        out[f"kl/{name}"] = quantile_kl(a, b, n_bins)
+    layers = np.arange(geometry.n_layers, dtype=np.float64)
+    lr, lg = r["longitudinal"], g["longitudinal"]
+    ok = lr.sum() > 0 and lg.sum() > 0
+    out["w1/longitudinal"] = float(wasserstein_distance(layers, layers, lr, lg)) if ok else float("nan")
+    out["kl/longitudinal"] = profile_kl(lr, lg)
+    radius = geometry.voxel_radius()
+    vr, vg = r["voxel_energy"], g["voxel_energy"]
+    ok = vr.sum() > 0 and vg.sum() > 0
+    out["w1/radial"] = float(wasserstein_distance(radius, radius, vr, vg)) if ok else float("nan")
+    edges = geometry.radial_edges()
+    ring = np.clip(np.digitize(radius, edges) - 1, 0, len(edges) - 2)
+    out["kl/radial"] = profile_kl(np.bincount(ring, vr, len(edges) - 1), np.bincount(ring, vg, len(edges) - 1))
+    out["kl_mean"] = float(np.nanmean([out[f"kl/{n}"] for n in REFERENCE_OBSERVABLES]))
+    return out

@@ -18,7 +18,10 @@ import numpy as np
 
 from suite.data import cached, generated_dir
 
-from .data import PARTICLES, Geometry, parse_class, write_calochallenge
+from .data import Geometry, parse_class, write_calochallenge
+
+#: the GFlash parametrisation is electromagnetic; pion showers come only from files
+EM_PARTICLES = ("photon", "electron")
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,9 @@ def simulate_showers(
     mat = MATERIALS.get(material)
     if mat is None:
         raise KeyError(f"unknown material {material!r}; known: {sorted(MATERIALS)}")
-    if particle not in PARTICLES:
-        raise ValueError(f"particle must be one of {PARTICLES}, got {particle!r}")
+    if particle not in EM_PARTICLES:
+        raise ValueError(f"the generator simulates electromagnetic showers {EM_PARTICLES}, not {particle!r}; "
+                         f"give {material}_{particle} a file in data.init_args.files")
     if geometry.kind != "cartesian":
         raise ValueError("the generator voxelises onto a cartesian geometry")
     rng = np.random.default_rng(seed)

@@ -5,10 +5,12 @@ Energy vocabulary: 0 = start, ``1..n_bins`` = deposit bins, then end, then pad.
 
 Two bugs of the FM4CAL reference tokeniser are fixed here:
 
-- De-tokenisation one bin too high. ``np.digitize(e, bins)`` returns ``t`` for
-  ``bins[t-1] <= e < bins[t]`` and the reference stored ``t + 1`` (start = 0), then decoded
-  ``e_min + (token - 1 + 0.5) res = e_min + (t + 0.5) res``: the centre of bin ``t + 1``, one bin
-  above the deposit. Here token ``t`` *is* bin ``[edges[t-1], edges[t])`` and decodes inside it.
+- De-tokenisation one bin too high. The reference's ``EnergyTokenizer`` binned the raw deposit
+  with ``bins = arange(e_min, e_max + res, res)`` and stored ``t = np.digitize(e, bins)`` as the
+  token, so ``t`` already counts from 1 for ``bins[t-1] <= e < bins[t]``. ``de_tokenize`` then
+  returned ``e_min + (t + 0.5) res`` plus a uniform jitter of +-res/2, a value in
+  ``[e_min + t res, e_min + (t + 1) res)``: bin ``t + 1``, one bin above the deposit. Here
+  token ``t`` *is* bin ``[edges[t-1], edges[t])`` and decodes inside it.
 - Hard-coded hit shifts. The reference decoder moved the decoded hits of Ta and Pb electrons by
   fixed, class-specific offsets. Here a voxel is ``token - 1`` for every class, with no per-class
   correction, so a generated hit lands exactly where its token says.

@@ -1,17 +1,33 @@
-"""Calorimetry data, tokens and metrics: the CaloChallenge reader on files in that exact layout,
-the generator's physics, the tokeniser bug fixes, and the observables / separation measures
-against closed forms."""
+"""Calorimetry data, tokens and metrics: the CaloChallenge and FM4CAL readers on files in those
+exact layouts, the geometry against CaloChallenge's XMLHandler logic, energy-unit detection, the
+generator's physics, the tokeniser bug fixes, and the observables / separation measures against
+closed forms."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from domains.calorimetry.data import CaloShowerData, Geometry, read_calochallenge, shower_hits
+from domains.calorimetry.data import (
+    CaloFormatError,
+    CaloShowerData,
+    CaloUnitWarning,
+    Geometry,
+    read_binning_xml,
+    read_calochallenge,
+    read_showers,
+    read_sparse_showers,
+    reference_class_name,
+    shower_hits,
+    sparse_hits,
+    write_calochallenge,
+    write_sparse_showers,
+)
 from domains.calorimetry.synth import MATERIALS, simulate_showers
 from domains.calorimetry.metrics import binned_kl, compare, lateral_profile, longitudinal_profile, separation_power, shower_observables
 from domains.calorimetry.tokens import ShowerTokenizer
@@ -40,25 +56,214 @@ def test_reader_reads_the_calochallenge_layout(tmp_path) -> None:
 @pytest.mark.parametrize(
     "incident, showers, message",
     [
-        (np.ones(3), np.ones((3, 288)), "'incident_energies' has shape \\(3,\\), expected \\(N, 1\\)"),
-        (np.ones((3, 1)), np.ones((3, 100)), "'showers' has shape \\(3, 100\\), expected \\(3, 288\\)"),
-        (np.ones((3, 1)), -np.ones((3, 288)), "'showers' must be finite and >= 0"),
-        (np.zeros((3, 1)), np.ones((3, 288)), "'incident_energies' must be finite and > 0"),
+        (np.ones(3), np.ones((3, 288)), "incident_energies: expected shape \\(N, 1\\); found shape \\(3,\\)"),
+        (np.ones((3, 1)), np.ones((3, 100)), "showers: expected shape \\(3, 288\\) for this geometry; found shape \\(3, 100\\)"),
+        (np.ones((3, 1)), -np.ones((3, 288)), "showers: expected finite values >= 0 MeV; found 864 bad values"),
+        (np.zeros((3, 1)), np.ones((3, 288)), "incident_energies: expected finite values > 0 MeV"),
     ],
 )
 def test_reader_rejects_wrong_layouts_naming_file_and_field(tmp_path, incident, showers, message) -> None:
     path = tmp_path / "bad.hdf5"
     _write_raw(path, incident, showers)
-    with pytest.raises(ValueError, match=message) as err:
+    with pytest.raises(CaloFormatError, match=message) as err:
         read_calochallenge(path, 288)
-    assert "bad.hdf5" in str(err.value)
+    assert "bad.hdf5" in str(err.value) and isinstance(err.value, ValueError)
 
 
 def test_reader_names_a_missing_dataset(tmp_path) -> None:
     with h5py.File(tmp_path / "x.hdf5", "w") as f:
         f.create_dataset("showers", data=np.ones((2, 288)))
-    with pytest.raises(KeyError, match="missing dataset 'incident_energies'"):
+    with pytest.raises(CaloFormatError, match="x.hdf5: incident_energies: expected datasets 'incident_energies'.*found keys \\['showers'\\]"):
         read_calochallenge(tmp_path / "x.hdf5", 288)
+
+
+def test_reader_names_truncated_files_and_wrong_dtypes(tmp_path) -> None:
+    path = tmp_path / "t.hdf5"
+    write_calochallenge(path, np.full(4, 2e4), np.ones((4, 288)))
+    path.write_bytes(path.read_bytes()[:900])
+    with pytest.raises(CaloFormatError, match="t.hdf5: file: expected a readable HDF5 object"):
+        read_calochallenge(path, 288)
+    with h5py.File(tmp_path / "s.hdf5", "w") as f:
+        f.create_dataset("incident_energies", data=np.full((2, 1), 2e4))
+        f.create_dataset("showers", data=np.full((2, 288), b"x"))
+    with pytest.raises(CaloFormatError, match="showers: expected an \\(N, 288\\) array of real numbers; found dtype \\|S1"):
+        read_calochallenge(tmp_path / "s.hdf5", 288)
+
+
+def test_energies_in_gev_are_detected_by_range_converted_and_warned(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    showers_mev = rng.exponential(30.0, (6, 288)).astype(np.float32)
+    inc_mev = showers_mev.sum(1) * 1.05  # a containing calorimeter: deposits just below the incident energy
+    cases = {
+        "inc_gev.hdf5": (inc_mev / 1e3, showers_mev, "'incident_energies' look like GeV"),
+        "both_gev.hdf5": (inc_mev / 1e3, showers_mev / 1e3, "'incident_energies' and 'showers' look like GeV"),
+    }
+    for name, (inc, showers, message) in cases.items():
+        _write_raw(tmp_path / name, inc.reshape(-1, 1), showers)
+        with pytest.warns(CaloUnitWarning, match=f"{name}: {message}"):
+            e, s = read_calochallenge(tmp_path / name, 288)
+        assert np.allclose(e, inc_mev, rtol=1e-6) and np.allclose(s, showers_mev, rtol=1e-5)
+    _write_raw(tmp_path / "mev.hdf5", inc_mev.reshape(-1, 1), showers_mev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file in MeV converts nothing and warns about nothing
+        e, s = read_calochallenge(tmp_path / "mev.hdf5", 288)
+        assert np.allclose(e, inc_mev) and np.array_equal(s, showers_mev)
+        e, _ = read_calochallenge(tmp_path / "inc_gev.hdf5", 288, energy_unit="MeV")  # an explicit unit is trusted
+        assert np.allclose(e, inc_mev / 1e3)
+
+
+# --- FM4CAL's sparse layout ------------------------------------------------------------------------
+def _write_fm4cal(path, incident_gev, showers, material="G4_W_gamma", grid=(8, 6, 6)) -> None:
+    """FM4CAL's utils.compress_hdf5 layout written with h5py directly (plus the material its loader reads)."""
+    with h5py.File(path, "w") as f:
+        for i, (e0, shower) in enumerate(zip(incident_gev, showers)):
+            dense = shower.reshape(grid)
+            g = f.create_group(f"{i}")
+            g.create_dataset("indices", data=np.argwhere(dense != 0), compression="gzip")
+            g.create_dataset("values", data=dense[dense != 0], compression="gzip")
+            g.attrs["shape"] = dense.shape
+            g.attrs["initial_energy"] = e0
+            g.create_dataset("material", data=material.encode())
+
+
+def test_sparse_reader_reads_fm4cal_groups_in_numeric_order(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    showers = (rng.exponential(80.0, (12, 288)) * (rng.random((12, 288)) < 0.15)).astype(np.float32)
+    showers[5] = 0.0  # an event without hits is kept, as an empty shower
+    inc = np.linspace(10.0, 100.0, 12)
+    _write_fm4cal(tmp_path / "w.h5", inc, showers)
+    f = read_sparse_showers(tmp_path / "w.h5", (8, 6, 6))
+    assert np.allclose(f.incident_mev, inc * 1e3) and np.array_equal(f.dense(), showers)  # "10" after "9", not after "1"
+    assert f.materials == ["G4_W_gamma"] * 12 and reference_class_name(f.materials[0]) == "W_photon"
+    assert np.array_equal(read_showers(tmp_path / "w.h5", (8, 6, 6)).dense(), showers)  # the layout is detected
+    v, e = sparse_hits(f.voxels[0], f.energies[0], 50.0)
+    assert all(np.array_equal(a, b) for a, b in zip((v, e), shower_hits(showers[0], 50.0)))
+    write_sparse_showers(tmp_path / "ours.h5", inc, showers, (8, 6, 6), "G4_W_gamma")
+    assert np.array_equal(read_sparse_showers(tmp_path / "ours.h5", (8, 6, 6)).dense(), showers)
+    assert [reference_class_name(m) for m in ("G4_Ta_e-", "G4_Pb_gamma", "G4_Fe_pi-")] == ["Ta_electron", "Pb_photon", "Fe_pion"]
+
+
+def test_sparse_reader_names_the_event_and_field_of_bad_input(tmp_path) -> None:
+    good = np.zeros((2, 288), np.float32)
+    good[:, :3] = 20.0
+    _write_fm4cal(tmp_path / "a.h5", [50.0, 60.0], good)
+    with h5py.File(tmp_path / "a.h5", "a") as f:
+        del f["1/values"]
+        f["1"].create_dataset("values", data=np.array([1.0, np.nan, 2.0]))
+    with pytest.raises(CaloFormatError, match="a.h5: 1/values: expected finite values >= 0 MeV"):
+        read_sparse_showers(tmp_path / "a.h5", (8, 6, 6))
+    _write_fm4cal(tmp_path / "b.h5", [50.0], good[:1], grid=(8, 6, 6))
+    with pytest.raises(CaloFormatError, match="b.h5: 0.attrs\\['shape'\\]: expected the geometry's grid \\(4, 12, 6\\)"):
+        read_sparse_showers(tmp_path / "b.h5", (4, 12, 6))
+    with pytest.warns(CaloUnitWarning, match="implausible in GeV"):
+        _write_fm4cal(tmp_path / "c.h5", [5.0e4], good[:1])
+        assert read_sparse_showers(tmp_path / "c.h5", (8, 6, 6), incident_unit="auto").incident_mev[0] == 5.0e4
+
+
+def test_datamodule_reads_fm4cal_files_and_refuses_another_material(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    showers = (rng.exponential(200.0, (20, 288)) * (rng.random((20, 288)) < 0.1)).astype(np.float32)
+    _write_fm4cal(tmp_path / "w.h5", np.full(20, 50.0), showers)
+    dm = CaloShowerData(classes=["W_photon"], files={"W_photon": str(tmp_path / "w.h5")}, grid=[8, 6, 6], threshold_mev=50.0, max_hits=128)
+    dm.setup()
+    assert sum(len(dm.splits[s]) for s in ("train", "val", "test")) == 20
+    dm = CaloShowerData(classes=["Ta_photon"], files={"Ta_photon": str(tmp_path / "w.h5")}, grid=[8, 6, 6], threshold_mev=50.0)
+    with pytest.raises(CaloFormatError, match="w.h5: material: expected only events of class Ta_photon; found materials \\['G4_W_gamma'\\]"):
+        dm.setup()
+
+
+# --- the geometry against CaloChallenge's XMLHandler ----------------------------------------------------
+def _binning_xml(path, layers, name="electron", pid=11) -> None:
+    """A binning file in the layout of CaloChallenge's binning_dataset_*.xml."""
+    rows = "\n".join(f'      <Layer id="{i}" r_edges="{",".join(map(str, r))}" n_bin_alpha="{a}" />' for i, (r, a) in enumerate(layers))
+    path.write_text(f'<Bins>\n   <Bin pid="{pid}" name="{name}">\n{rows}\n   </Bin>\n</Bins>\n')
+
+
+def _xmlhandler_positions(layers) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """CaloChallenge's XMLHandler, step by step: per layer, for each angular bin j, for each radial
+    bin i, (r_mid[i], alpha_mid[j]) with alpha midpoints of linspace(-pi, pi, n_alpha + 1);
+    eta = r cos(alpha), phi = r sin(alpha); bin_edges accumulate the layers' voxel counts."""
+    etas, phis, bin_edges = [], [], [0]
+    for r_edges, n_alpha in layers:
+        mids = [r_edges[i] + (r_edges[i + 1] - r_edges[i]) / 2 for i in range(len(r_edges) - 1)]
+        a_edges = np.linspace(-math.pi, math.pi, n_alpha + 1)
+        alphas = [a_edges[j] + (a_edges[j + 1] - a_edges[j]) / 2 for j in range(n_alpha)]
+        r_list, a_list = [], []
+        if len(r_edges) > 1:
+            for j in range(n_alpha):
+                for i in range(len(mids)):
+                    r_list.append(mids[i])
+                    a_list.append(alphas[j])
+        etas.append(np.array(r_list) * np.cos(a_list))
+        phis.append(np.array(r_list) * np.sin(a_list))
+        bin_edges.append(bin_edges[-1] + len(r_list))
+    return etas, phis, bin_edges
+
+
+DS2_R = [0, 4.65, 9.3, 13.95, 18.6, 23.25, 27.9, 32.55, 37.2, 41.85]  # CaloChallenge dataset 2's radial edges [mm]
+DS1_LIKE = [([0, 5, 10, 30], 1), ([0, 2, 4, 6, 8], 10), ([0], 1), ([0, 50, 100], 1), ([0], 1), ([0, 100, 400], 3)]
+
+
+@pytest.mark.parametrize("layers", [[(DS2_R, 16)] * 45, [([0, 2.325, 4.65, 6.975], 50)] * 4, DS1_LIKE], ids=["dataset2", "dataset3-like", "dataset1-like"])
+def test_geometry_from_binning_xml_matches_xmlhandler(tmp_path, layers) -> None:
+    _binning_xml(tmp_path / "binning.xml", layers)
+    geo = read_binning_xml(tmp_path / "binning.xml")
+    etas, phis, bin_edges = _xmlhandler_positions(layers)
+    pos = geo.voxel_positions()
+    relevant = [i for i, (r, _) in enumerate(layers) if len(r) > 1]
+    assert geo.n_voxels == bin_edges[-1] and geo.n_layers == len(relevant)
+    for k, layer in enumerate(relevant):  # CaloChallenge's "relevant layers" keep their order
+        rows = slice(bin_edges[layer], bin_edges[layer + 1])
+        assert np.allclose(pos[rows, 1], etas[layer], atol=1e-9) and np.allclose(pos[rows, 2], phis[layer], atol=1e-9)
+        assert (pos[rows, 0] == k).all()
+    # HighLevelFeatures' E_layers and per-layer centre of energy, from the same shower
+    shower = np.random.default_rng(0).exponential(1.0, (2, geo.n_voxels))
+    from domains.calorimetry.metrics import longitudinal_profile
+
+    profile = longitudinal_profile(shower, geo)
+    for k, layer in enumerate(relevant):
+        e = shower[:, bin_edges[layer] : bin_edges[layer + 1]]
+        assert np.allclose(profile[:, k], e.sum(-1))
+        ec_eta = (etas[layer] * e).sum(-1) / (e.sum(-1) + 1e-16)
+        sel = pos[:, 0] == k
+        assert np.allclose((pos[sel, 1] * shower[:, sel]).sum(-1) / shower[:, sel].sum(-1), ec_eta)
+    if layers[0][0] == DS2_R:
+        assert geo.grid == (45, 16, 9) and geo.kind == "cylindrical"
+        assert pos[0, 1] < 0 and pos[0, 2] < 0  # angle origin -pi: the first angular bin lies at -pi + pi/16, not at +pi/16
+
+
+def test_binning_xml_picks_its_bin_and_names_bad_files(tmp_path) -> None:
+    path = tmp_path / "two.xml"
+    path.write_text('<Bins><Bin name="photon"><Layer id="0" r_edges="0,5,10" n_bin_alpha="1"/></Bin>'
+                    '<Bin name="pion"><Layer id="0" r_edges="0,5" n_bin_alpha="2"/></Bin></Bins>')
+    assert read_binning_xml(path, "photon").grid == (1, 1, 2) and read_binning_xml(path, "pion").n_voxels == 2
+    with pytest.raises(CaloFormatError, match="two.xml: Bin: expected exactly one <Bin>.*found Bin names \\['photon', 'pion'\\]"):
+        read_binning_xml(path)
+    bad = tmp_path / "bad.xml"
+    bad.write_text('<Bins><Bin name="photon"><Layer id="0" r_edges="0,5,x" n_bin_alpha="1"/></Bin></Bins>')
+    with pytest.raises(CaloFormatError, match="bad.xml: Layer 0: expected r_edges"):
+        read_binning_xml(bad)
+    bad.write_text("<Bins><Bin")
+    with pytest.raises(CaloFormatError, match="bad.xml: XML: expected <Bins>"):
+        read_binning_xml(bad)
+
+
+def test_datamodule_takes_the_geometry_from_the_binning_xml_and_reads_pion_classes(tmp_path) -> None:
+    layers = [([0, 5, 10, 30], 1), ([0, 2, 4, 6, 8], 10), ([0], 1), ([0, 50, 100], 1)]
+    _binning_xml(tmp_path / "binning_dataset_1_pions.xml", layers, name="pion", pid=211)
+    n = 3 + 40 + 2
+    rng = np.random.default_rng(6)
+    showers = (rng.exponential(300.0, (20, n)) * (rng.random((20, n)) < 0.5)).astype(np.float32)
+    _write_raw(tmp_path / "pions.hdf5", np.full((20, 1), 6.5e4, np.float32), showers)
+    kw = dict(classes=["ATLAS_pion"], files={"ATLAS_pion": str(tmp_path / "pions.hdf5")}, binning_xml=str(tmp_path / "binning_dataset_1_pions.xml"),
+              threshold_mev=50.0, max_hits=64)
+    dm = CaloShowerData(grid=[1, 1, n], **kw)
+    dm.setup()
+    assert dm.geometry.n_layers == 3 and dm.geometry.kind == "cylindrical" and len(dm.splits["train"]) == 14
+    with pytest.raises(ValueError, match="grid \\[45, 16, 9\\] does not match .*\\[1, 1, 45\\]"):
+        CaloShowerData(grid=[45, 16, 9], **kw)
+    with pytest.raises(ValueError, match="electromagnetic showers"):
+        CaloShowerData(classes=["W_pion"], grid=[8, 6, 6]).setup()
 
 
 def test_datamodule_serves_real_files_as_energy_ordered_hits(tmp_path) -> None:
@@ -154,12 +359,14 @@ def test_detokenisation_draws_with_a_generator_on_the_tokens_device() -> None:
 
 
 def test_reference_detokenisation_was_one_bin_too_high() -> None:
-    """FM4CAL: token = np.digitize(e, arange(e_min, e_max + res, res)) + 1 and decode
-    e_min + (token - 1 + 0.5) res lands in the bin above e; ours decodes inside e's bin."""
+    """FM4CAL's EnergyTokenizer: token t = np.digitize(e, arange(e_min, e_max + res, res)) (already
+    1-based) and de_tokenize(t) = e_min + (t + 0.5) res +- res / 2, which lies in the bin above e's;
+    ours decodes inside e's bin."""
     e_min, e_max, res = 0.0, 100.0, 1.0
-    e = np.random.default_rng(0).uniform(e_min, e_max - res, 500)
-    ref_token = np.digitize(e, np.arange(e_min, e_max + res, res)) + 1
-    ref_decoded = e_min + (ref_token - 1 + 0.5) * res
+    e = np.random.default_rng(0).uniform(e_min + res, e_max - res, 500)
+    ref_token = np.digitize(e, np.arange(e_min, e_max + res, res))
+    jitter = np.random.default_rng(1).uniform(-0.5 * res, 0.5 * res, e.shape)
+    ref_decoded = np.clip(e_min + (ref_token + 0.5) * res + jitter, e_min, e_max)
     assert (np.floor(ref_decoded) == np.floor(e) + 1).all()  # the bug, reproduced
     tok = ShowerTokenizer(10, e_min + 1e-9, e_max, int((e_max - e_min) / res), "linear")
     ours = tok.energies(tok.energy_tokens(torch.as_tensor(e), torch.ones(len(e), dtype=torch.bool))).numpy()
