@@ -1,12 +1,21 @@
-"""The shower transformer: hit tokens -> causal blocks (attention + per-class MoE FFN) -> heads.
+"""The shower networks: hit tokens -> causal blocks (attention + per-class MoE FFN) -> heads.
 
 A shower is a sequence of hits ordered by deposited energy; each hit is a space token (its
-voxel) plus an energy token (its binned deposit), and position 0 holds the incident energy.
-Each block is causal self-attention with rotary positions and a feed-forward mixture of experts
-with one expert per class (``<material>_<particle>``), picked by a label-masked router. Each hit
-is factorised as p(voxel | past) p(energy | voxel, past): a space head reads the hidden state, an
-energy head reads it plus an embedding of the chosen voxel. Heads, and optionally rsLoRA on the
+voxel) plus an energy token (its binned deposit), conditioned on the incident energy. Every
+block ends in a feed-forward mixture of experts with one expert per class
+(``<material>_<particle>``), picked by a label-masked router. Heads, and optionally rsLoRA on the
 attention projections, exist per particle; every row only ever passes through its own.
+
+Two architectures with one interface (``architecture`` in the model):
+
+- ``ShowerTransformer`` (``"ours"``): self-attention over summed voxel + (layer, a, b) axis +
+  energy embeddings, rotary positions on whole heads, ln(E)/5 through an MLP as position 0; each
+  hit is p(voxel | past) p(energy | voxel, past): the energy head also sees the chosen voxel.
+- ``Fm4calTransformer`` (``"fm4cal"``): the reference's ``ECAL_GPT``: a first cross-attention
+  block (queries from the energy stream, keys and values from the space stream, both starting
+  with the incident energy), then self-attention blocks; incident energy scaled linearly to
+  [-1, 1] through one Linear; the voxel's layer ``z / Nz`` added on every channel; rotary
+  positions on half of each head; voxel and energy heads reading the same hidden state.
 """
 
 from __future__ import annotations
@@ -46,14 +55,21 @@ def rope(x: torch.Tensor, theta: float, offset: int = 0) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Causal self-attention; a particle with LoRA gets its own q/k/v/out update on its rows only."""
+    """Causal attention; a particle with LoRA gets its own q/k/v/out update on its rows only.
 
-    def __init__(self, width: int, heads: int, theta: float) -> None:
+    Self-attention by default; given ``query`` it is cross-attention (queries from that stream,
+    keys and values from ``x``). Rotary positions turn the first ``rope_fraction`` of each head.
+    """
+
+    def __init__(self, width: int, heads: int, theta: float, rope_fraction: float = 1.0, out_bias: bool = False) -> None:
         super().__init__()
-        if width % heads or (width // heads) % 2:
-            raise ValueError(f"width {width} must split into {heads} heads of even size (rotary pairs)")
+        head_dim = width // heads
+        self.rope_dims = int(head_dim * rope_fraction)
+        if width % heads or self.rope_dims % 2 or self.rope_dims == 0:
+            raise ValueError(f"width {width} must split into {heads} heads whose rotary part ({rope_fraction} of each) is even")
         self.heads, self.theta = heads, theta
-        self.q, self.k, self.v, self.out = (nn.Linear(width, width, bias=False) for _ in PROJECTIONS)
+        self.q, self.k, self.v = (nn.Linear(width, width, bias=False) for _ in range(3))
+        self.out = nn.Linear(width, width, bias=out_bias)
         self.lora = nn.ModuleDict()
 
     def add_particle(self, particle: str, spec: LoRA) -> None:
@@ -66,12 +82,19 @@ class Attention(nn.Module):
                 y = torch.where(rows, self.lora[particle][name](x), y)
         return y
 
-    def forward(self, x: torch.Tensor, gates: list[tuple[str, torch.Tensor]], cache: dict | None = None) -> torch.Tensor:
+    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        if self.rope_dims == x.shape[-1]:
+            return rope(x, self.theta, start)
+        return torch.cat([rope(x[..., : self.rope_dims], self.theta, start), x[..., self.rope_dims :]], -1)
+
+    def forward(self, x: torch.Tensor, gates: list[tuple[str, torch.Tensor]], cache: dict | None = None,
+                query: torch.Tensor | None = None) -> torch.Tensor:
         """``cache`` (generation): keys/values of earlier positions, extended in place."""
         b, t, w = x.shape
-        q, k, v = (self._proj(n, x, gates).view(b, t, self.heads, -1).transpose(1, 2) for n in ("q", "k", "v"))
+        q = self._proj("q", x if query is None else query, gates).view(b, t, self.heads, -1).transpose(1, 2)
+        k, v = (self._proj(n, x, gates).view(b, t, self.heads, -1).transpose(1, 2) for n in ("k", "v"))
         start = 0 if cache is None or "k" not in cache else cache["k"].shape[2]
-        q, k = rope(q, self.theta, start), rope(k, self.theta, start)
+        q, k = self._rope(q, start), self._rope(k, start)
         if cache is not None:
             if start:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
@@ -81,78 +104,59 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, ffn_mult: int, classes: list[str], theta: float, dropout: float) -> None:
+    """Pre-norm attention + per-class MoE FFN; ``cross=True`` is FM4CAL's conditioning block, whose
+    queries come from the (separately normed) energy stream."""
+
+    def __init__(self, width: int, heads: int, ffn_mult: int, classes: list[str], theta: float, dropout: float,
+                 rope_fraction: float = 1.0, out_bias: bool = False, cross: bool = False) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attn = Attention(width, heads, theta)
+        self.ln_query = nn.LayerNorm(width) if cross else None
+        self.attn = Attention(width, heads, theta, rope_fraction, out_bias)
         experts = [FeedForward(width, ffn_mult * width, dropout) for _ in classes]
         self.moe = MixtureOfExperts(experts, width, router="label", labels=classes)
 
-    def forward(self, x: torch.Tensor, gates: list[tuple[str, torch.Tensor]], class_ids: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), gates, cache)
+    def forward(self, x: torch.Tensor, gates: list[tuple[str, torch.Tensor]], class_ids: torch.Tensor, cache: dict | None = None,
+                query: torch.Tensor | None = None) -> torch.Tensor:
+        q = None if self.ln_query is None else self.ln_query(query)
+        x = x + self.attn(self.ln1(x), gates, cache, q)
         return x + self.moe(self.ln2(x), labels=class_ids)
 
 
 class Heads(nn.Module):
-    """Separate output heads: next voxel from h; its energy from h + an embedding of that voxel."""
+    """Output heads: the next voxel from h; its energy from h, plus (``voxel_aware``) an embedding
+    of that voxel. FM4CAL's heads both read h alone."""
 
-    def __init__(self, width: int, space_vocab: int, energy_vocab: int) -> None:
+    def __init__(self, width: int, space_vocab: int, energy_vocab: int, voxel_aware: bool = True) -> None:
         super().__init__()
         self.space = nn.Linear(width, space_vocab)
-        self.next_space = nn.Embedding(space_vocab, width)
+        self.next_space = nn.Embedding(space_vocab, width) if voxel_aware else None
         self.energy = nn.Linear(width, energy_vocab)
 
     def space_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.space(h)
 
     def energy_logits(self, h: torch.Tensor, next_space: torch.Tensor) -> torch.Tensor:
-        return self.energy(h + self.next_space(next_space))
+        return self.energy(h if self.next_space is None else h + self.next_space(next_space))
 
 
-class ShowerTransformer(nn.Module):
-    """Token + voxel-axis + energy embeddings -> blocks -> per-particle heads."""
+class _ShowerNetwork(nn.Module):
+    """What both architectures share: class bookkeeping, per-particle heads, growing by a class.
 
-    def __init__(self, tok: ShowerTokenizer, grid: tuple[int, int, int], width: int, depth: int, heads: int,
-                 ffn_mult: int, classes: list[str], base_particle: str, theta: float, dropout: float) -> None:
-        super().__init__()
-        self.space_emb = nn.Embedding(tok.space_vocab, width)
-        self.energy_emb = nn.Embedding(tok.energy_vocab, width)
-        # each voxel also gets learned (layer, a, b) embeddings: neighbours share structure
-        self.axis_emb = nn.ModuleList(nn.Embedding(n + 1, width) for n in grid)  # row n: special tokens
-        axes = torch.tensor(grid).repeat(tok.space_vocab, 1)
-        axes[1 : tok.n_voxels + 1] = torch.stack(torch.unravel_index(torch.arange(tok.n_voxels), grid), -1)
-        self.register_buffer("axes", axes, persistent=False)
-        self.cond = nn.Sequential(nn.Linear(1, width), nn.GELU(), nn.Linear(width, width))
-        self.blocks = nn.ModuleList(Block(width, heads, ffn_mult, classes, theta, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(width)
-        self.heads = nn.ModuleDict({base_particle: Heads(width, tok.space_vocab, tok.energy_vocab)})
+    A subclass defines ``embed_condition`` / ``embed_hits`` (whatever ``run`` takes) and ``run``;
+    ``hidden`` returns (B, L + 1, width) where position i predicts hit i + 1.
+    """
+
+    blocks: nn.ModuleList
+    heads: nn.ModuleDict
 
     @property
     def classes(self) -> list[str]:
         return self.blocks[0].moe.label_names
 
-    def embed_hits(self, space: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-        x = self.space_emb(space) + self.energy_emb(energy)
-        for i, emb in enumerate(self.axis_emb):
-            x = x + emb(self.axes[space, i])
-        return x
-
-    def embed_condition(self, incident_mev: torch.Tensor) -> torch.Tensor:
-        # ln(E / 1 GeV) / 5 maps the 10-100 GeV range to ~[0.5, 0.9]
-        return self.cond((incident_mev.float() / 1e3).log()[:, None] / 5)[:, None]
-
-    def run(self, x: torch.Tensor, class_ids: torch.Tensor, particles: list[str], caches: list[dict] | None = None) -> torch.Tensor:
-        """Blocks + final norm over embedded positions (with ``caches``: only the new positions)."""
-        gates = [(p, torch.tensor([q == p for q in particles], device=x.device)[:, None, None]) for p in dict.fromkeys(particles)]
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, gates, class_ids, None if caches is None else caches[i])
-        return self.norm(x)
-
-    def hidden(self, space: torch.Tensor, energy: torch.Tensor, incident_mev: torch.Tensor,
-               class_ids: torch.Tensor, particles: list[str]) -> torch.Tensor:
-        """(B, L) hit tokens -> (B, L + 1, width); position 0 is the incident energy, position i predicts hit i + 1."""
-        x = torch.cat([self.embed_condition(incident_mev), self.embed_hits(space, energy)], 1)
-        return self.run(x, class_ids, particles)
+    @staticmethod
+    def _gates(particles: list[str], device: torch.device) -> list[tuple[str, torch.Tensor]]:
+        return [(p, torch.tensor([q == p for q in particles], device=device)[:, None, None]) for p in dict.fromkeys(particles)]
 
     def per_particle(self, particles: list[str], fn: Callable[[Heads], torch.Tensor]) -> torch.Tensor:
         """``fn(heads)`` with each row's own particle heads; every head sees the full tensor, so a
@@ -180,3 +184,112 @@ class ShowerTransformer(nn.Module):
                     blk.attn.add_particle(particle, lora)
                 added.append(f"{particle} rsLoRA r={lora.r} alpha={lora.alpha} on {'/'.join(PROJECTIONS)}")
         return added
+
+
+class ShowerTransformer(_ShowerNetwork):
+    """Token + voxel-axis + energy embeddings -> self-attention blocks -> per-particle heads."""
+
+    def __init__(self, tok: ShowerTokenizer, grid: tuple[int, int, int], width: int, depth: int, heads: int,
+                 ffn_mult: int, classes: list[str], base_particle: str, theta: float, dropout: float) -> None:
+        super().__init__()
+        self.space_emb = nn.Embedding(tok.space_vocab, width)
+        self.energy_emb = nn.Embedding(tok.energy_vocab, width)
+        # each voxel also gets learned (layer, a, b) embeddings: neighbours share structure
+        self.axis_emb = nn.ModuleList(nn.Embedding(n + 1, width) for n in grid)  # row n: special tokens
+        axes = torch.tensor(grid).repeat(tok.space_vocab, 1)
+        axes[1 : tok.n_voxels + 1] = torch.stack(torch.unravel_index(torch.arange(tok.n_voxels), grid), -1)
+        self.register_buffer("axes", axes, persistent=False)
+        self.cond = nn.Sequential(nn.Linear(1, width), nn.GELU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(Block(width, heads, ffn_mult, classes, theta, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.heads = nn.ModuleDict({base_particle: Heads(width, tok.space_vocab, tok.energy_vocab)})
+
+    def embed_hits(self, space: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+        x = self.space_emb(space) + self.energy_emb(energy)
+        for i, emb in enumerate(self.axis_emb):
+            x = x + emb(self.axes[space, i])
+        return x
+
+    def embed_condition(self, incident_mev: torch.Tensor) -> torch.Tensor:
+        # ln(E / 1 GeV) / 5 maps the 10-100 GeV range to ~[0.5, 0.9]
+        return self.cond((incident_mev.float() / 1e3).log()[:, None] / 5)[:, None]
+
+    def run(self, x: torch.Tensor, class_ids: torch.Tensor, particles: list[str], caches: list[dict] | None = None) -> torch.Tensor:
+        """Blocks + final norm over embedded positions (with ``caches``: only the new positions)."""
+        gates = self._gates(particles, x.device)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, gates, class_ids, None if caches is None else caches[i])
+        return self.norm(x)
+
+    def hidden(self, space: torch.Tensor, energy: torch.Tensor, incident_mev: torch.Tensor,
+               class_ids: torch.Tensor, particles: list[str]) -> torch.Tensor:
+        """(B, L) hit tokens -> (B, L + 1, width); position 0 is the incident energy, position i predicts hit i + 1."""
+        x = torch.cat([self.embed_condition(incident_mev), self.embed_hits(space, energy)], 1)
+        return self.run(x, class_ids, particles)
+
+
+class Fm4calTransformer(_ShowerNetwork):
+    """FM4CAL's ``ECAL_GPT`` with our lifecycle (label-routed experts, per-particle heads and LoRA).
+
+    The sequences are ``[I, SOS, hit 1, ...]`` in two streams: space tokens (+ ``z / Nz`` on every
+    channel) and energy tokens, both starting with the embedded incident energy ``I``. Block 0 is
+    cross-attention (queries from the energy stream, keys/values from the space stream), the
+    others self-attention over the space stream; the output at ``I`` is dropped, so position i
+    of :meth:`hidden` (``SOS`` for i = 0) predicts hit i + 1, as in our network.
+
+    ``depth`` counts all blocks (the reference: 3, one cross + two self); ``rope_fraction`` 0.5 and
+    ``theta`` 1000 as the reference. ``energy_range_gev`` is the span mapped linearly to [-1, 1]
+    (the reference's global 10-100 GeV). The reference rotates interleaved channel pairs
+    (``rotary_embedding_torch``) and we rotate split halves: a fixed permutation of channels that
+    the projections absorb, with the same frequencies.
+    """
+
+    def __init__(self, tok: ShowerTokenizer, grid: tuple[int, int, int], width: int, depth: int, heads: int,
+                 ffn_mult: int, classes: list[str], base_particle: str, theta: float, dropout: float,
+                 rope_fraction: float = 0.5, energy_range_gev: tuple[float, float] = (10.0, 100.0)) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError("the fm4cal architecture needs depth >= 1 (its first block is the cross-attention one)")
+        self.start = tok.START
+        self.energy_range_gev = tuple(float(e) for e in energy_range_gev)
+        self.space_emb = nn.Embedding(tok.space_vocab, width)
+        self.energy_emb = nn.Embedding(tok.energy_vocab, width)
+        self.cond = nn.Linear(1, width)
+        z = torch.zeros(tok.space_vocab)  # special tokens sit at z = 0, as the reference's tok2z
+        z[1 : tok.n_voxels + 1] = torch.div(torch.arange(tok.n_voxels), grid[1] * grid[2], rounding_mode="floor") / grid[0]
+        self.register_buffer("z_over_nz", z, persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(width, heads, ffn_mult, classes, theta, dropout, rope_fraction, out_bias=(i == 0), cross=(i == 0))
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.heads = nn.ModuleDict({base_particle: Heads(width, tok.space_vocab, tok.energy_vocab, voxel_aware=False)})
+
+    def embed_hits(self, space: torch.Tensor, energy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.space_emb(space) + self.z_over_nz[space][..., None], self.energy_emb(energy)
+
+    def embed_condition(self, incident_mev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[I, SOS]`` of both streams (B, 2, width)."""
+        lo, hi = self.energy_range_gev
+        i = self.cond(((incident_mev.float() / 1e3 - lo) / (hi - lo) * 2 - 1)[:, None])[:, None]
+        sos = torch.full((len(incident_mev), 1), self.start, dtype=torch.long, device=incident_mev.device)
+        xs, es = self.embed_hits(sos, sos)
+        return torch.cat([i, xs], 1), torch.cat([i, es], 1)
+
+    def run(self, x: tuple[torch.Tensor, torch.Tensor], class_ids: torch.Tensor, particles: list[str],
+            caches: list[dict] | None = None) -> torch.Tensor:
+        """Blocks + final norm over the (space, energy) streams; returns the space stream."""
+        xs, es = x
+        gates = self._gates(particles, xs.device)
+        for i, blk in enumerate(self.blocks):
+            xs = blk(xs, gates, class_ids, None if caches is None else caches[i], query=es if i == 0 else None)
+        return self.norm(xs)
+
+    def hidden(self, space: torch.Tensor, energy: torch.Tensor, incident_mev: torch.Tensor,
+               class_ids: torch.Tensor, particles: list[str]) -> torch.Tensor:
+        """(B, L) hit tokens -> (B, L + 1, width): the outputs at SOS, hit 1, ..., hit L."""
+        (cx, ce), (hx, he) = self.embed_condition(incident_mev), self.embed_hits(space, energy)
+        return self.run((torch.cat([cx, hx], 1), torch.cat([ce, he], 1)), class_ids, particles)[:, 1:]
+
+
+ARCHITECTURES = {"ours": ShowerTransformer, "fm4cal": Fm4calTransformer}
