@@ -86,7 +86,7 @@ class SuiteCLI(LightningCLI):
             return
         from suite.prerequisites import resolve
 
-        resolve(config, config.get("prerequisites"))
+        resolve(config)
         root = config.trainer.default_root_dir or os.getcwd()
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path files load without unpickling arbitrary objects
@@ -115,7 +115,12 @@ class SuiteCLI(LightningCLI):
         super()._run_subcommand(subcommand)
 
 
-def main(args: Any = None, run: bool = True, cli_class: type[SuiteCLI] = SuiteCLI) -> SuiteCLI:
+def main(args: Any = None, run: bool = True) -> SuiteCLI:
+    """``python -m suite``: parse ``args`` (default ``sys.argv``), build the classes and run the subcommand."""
+    return _cli(SuiteCLI, args, run)
+
+
+def _cli(cli_class: type[SuiteCLI], args: Any, run: bool) -> SuiteCLI:
     return cli_class(
         L.LightningModule,
         L.LightningDataModule,
@@ -137,7 +142,7 @@ class _ParseOnlyCLI(SuiteCLI):
 def parse_only(args: list[str]) -> dict[str, Any]:
     """The resolved config of ``args`` (a subcommand and its options) as a dict, building no class."""
     try:
-        main(args, cli_class=_ParseOnlyCLI)
+        _cli(_ParseOnlyCLI, args, run=True)
     except _Parsed as parsed:
         return parsed.config
     raise RuntimeError("parse_only: the CLI did not stop after parsing")

@@ -207,6 +207,14 @@ class AdaptedModule(L.LightningModule):
                 "prerequisite (e.g. a pretraining run), start through `python -m suite` or "
                 "suite.prerequisites.run_prerequisite, which build it and pass its checkpoint"
             )
+        return self.load_checkpoint_file(path)
+
+    def load_checkpoint_file(self, path: Path) -> "AdaptedModule | None":
+        """Start from a checkpoint file: rebuild the earlier stage and :meth:`extend_from` it.
+
+        A domain whose users bring checkpoints in a foreign format (a reference implementation's
+        ``.pth``) overrides this to read them, and defers to it for suite checkpoints.
+        """
         earlier = rebuild_stage(path, type(self))
         self.extend_from(earlier)
         return earlier

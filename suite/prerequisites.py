@@ -21,12 +21,14 @@ exactly like one that found it cached.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -81,14 +83,41 @@ def _as_plain(value: Any) -> Any:
     return value
 
 
-def fit_args(prereq: Prerequisite, values: dict[str, Any] | None = None) -> list[str]:
-    """The command line (after ``fit``) of the prerequisite's run, with the linked values."""
+def config_path(path: str) -> Path:
+    """A config file named relative to the working directory or, failing that, to the project root
+    (so ``domains/...`` paths in a YAML work from anywhere)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    root = Path(__file__).resolve().parent.parent / p
+    return root if root.exists() else p
+
+
+def _nested(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b.c": v}`` -> ``{"a": {"b": {"c": v}}}`` (a config file, so YAML types survive: null, lists)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _as_plain(value)
+    return out
+
+
+@contextlib.contextmanager
+def fit_args(prereq: Prerequisite, values: dict[str, Any] | None = None) -> Iterator[list[str]]:
+    """The command line (after ``fit``) of the prerequisite's run; the linked values go in a
+    temporary config composed last (removed on exit)."""
     args: list[str] = []
     for cfg in prereq.configs:
-        args += ["--config", str(cfg)]
-    for key, value in (values or {}).items():
-        args += [f"--{key}", json.dumps(_as_plain(value))]
-    return args + [str(a) for a in prereq.args]
+        args += ["--config", str(config_path(cfg))]
+    with tempfile.TemporaryDirectory(prefix="suite-prereq-") as tmp:
+        if values:
+            linked = Path(tmp) / "linked.yaml"
+            linked.write_text(yaml.safe_dump(_nested(values), sort_keys=True))
+            args += ["--config", str(linked)]
+        yield args + [str(a) for a in prereq.args]
 
 
 def resolved_config(args: list[str]) -> dict[str, Any]:
@@ -111,51 +140,96 @@ def resolved_config(args: list[str]) -> dict[str, Any]:
     return config
 
 
-def cache_folder(prereq: Prerequisite, values: dict[str, Any] | None = None) -> Path:
-    """``data/generated/prerequisites/<name>-<hash of the resolved config>``."""
-    config = resolved_config(fit_args(prereq, values))
-    text = yaml.safe_dump(config, sort_keys=True)
+def _folder(prereq: Prerequisite, args: list[str]) -> Path:
+    text = yaml.safe_dump(resolved_config(args), sort_keys=True)
     key = hashlib.sha256((text + prereq.product).encode()).hexdigest()[:12]
     return generated_dir("prerequisites") / f"{prereq.name}-{key}"
 
 
+def cache_folder(prereq: Prerequisite, values: dict[str, Any] | None = None) -> Path:
+    """``data/generated/prerequisites/<name>-<hash of the resolved config>``."""
+    with fit_args(prereq, values) as args:
+        return _folder(prereq, args)
+
+
 def run_prerequisite(prereq: Prerequisite, values: dict[str, Any] | None = None) -> Path:
     """Path of ``prereq``'s product, running its fit first if no run of the same resolved config is cached."""
-    folder = cache_folder(prereq, values)
+    with fit_args(prereq, values) as args:
+        folder = _folder(prereq, args)
 
-    def build(tmp: Path) -> None:
-        from suite.cli import main as cli_main
+        def build(tmp: Path) -> None:
+            from suite.cli import main as cli_main
 
-        print(f"[suite] prerequisite {prereq.name!r} ({', '.join(prereq.configs)}) is not cached; running it once into {folder}")
-        states = _rng_states()
-        try:
-            cli_main(["fit", *fit_args(prereq, values), "--trainer.default_root_dir", str(tmp)])
-        finally:
-            _restore(states)
-        if not (tmp / prereq.product).exists():
-            raise FileNotFoundError(f"prerequisite {prereq.name!r} finished but wrote no {prereq.product} (looked in {tmp})")
-        (tmp / "prerequisite.json").write_text(json.dumps({"name": prereq.name, "args": fit_args(prereq, values)}, indent=2))
+            print(f"[suite] prerequisite {prereq.name!r} ({', '.join(prereq.configs)}) is not cached; running it once into {folder}")
+            states = _rng_states()
+            try:
+                cli_main(["fit", *args, "--trainer.default_root_dir", str(tmp)])
+            finally:
+                _restore(states)
+            if not (tmp / prereq.product).exists():
+                raise FileNotFoundError(f"prerequisite {prereq.name!r} finished but wrote no {prereq.product} (looked in {tmp})")
+            record = {"name": prereq.name, "configs": prereq.configs, "linked": _nested(values or {}), "args": prereq.args}
+            (tmp / "prerequisite.json").write_text(json.dumps(record, indent=2))
 
-    product = cached(folder, build) / prereq.product
+        product = cached(folder, build) / prereq.product
     if not product.exists():
         raise FileNotFoundError(f"the cached prerequisite {folder} has no {prereq.product}; remove the folder to rebuild it")
     return product
 
 
-def resolve(config: Any, prerequisites: list[Prerequisite | dict[str, Any]] | None) -> dict[str, str]:
-    """Replace every placeholder in ``config`` (a jsonargparse Namespace) by its prerequisite's product.
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]`` for a dotted key, in a jsonargparse Namespace or a plain nested dict."""
+    if not isinstance(config, dict):
+        return config.get(key, default)
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
 
-    Returns ``{key: path}`` for the keys that were replaced (empty when the user gave real values).
+
+def _set(config: Any, key: str, value: Any) -> None:
+    if not isinstance(config, dict):
+        config[key] = value
+        return
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+_MISSING = object()
+
+
+def linked_values(config: Any, prereq: Prerequisite) -> dict[str, Any]:
+    """``{prerequisite key: value}`` of ``prereq.link`` read from this run's ``config``."""
+    values = {}
+    for theirs, ours in prereq.link.items():
+        value = _get(config, ours, _MISSING)
+        if value is _MISSING and isinstance(config, dict):
+            continue  # a YAML that does not state it: both sides keep their class default
+        if value is _MISSING:
+            raise KeyError(f"prerequisite {prereq.name!r} links {theirs} to {ours!r}, which this config does not have")
+        values[theirs] = value
+    return values
+
+
+def resolve(config: Any, prerequisites: list[Prerequisite | dict[str, Any]] | None = None) -> dict[str, str]:
+    """Replace every placeholder in ``config`` by its prerequisite's product.
+
+    ``config`` is a parsed jsonargparse Namespace (the CLI) or a plain dict of a YAML (benchmarks,
+    notebooks); ``prerequisites`` default to the config's own. Returns ``{key: path}`` for the
+    keys that were replaced (empty when the user gave real values).
     """
+    if prerequisites is None:
+        prerequisites = _get(config, "prerequisites") or []
     done: dict[str, str] = {}
-    for p in prerequisites or []:
+    for p in prerequisites:
         prereq = p if isinstance(p, Prerequisite) else Prerequisite(**_as_plain(p))
-        if config.get(prereq.into) != prereq.name:
+        if _get(config, prereq.into) != prereq.name:
             continue  # a real value was given: nothing to build
-        values = {}
-        for theirs, ours in prereq.link.items():
-            if config.get(ours) is None and ours not in config:
-                raise KeyError(f"prerequisite {prereq.name!r} links {theirs} to {ours!r}, which this config does not have")
-            values[theirs] = config.get(ours)
-        config[prereq.into] = done[prereq.into] = str(run_prerequisite(prereq, values))
+        done[prereq.into] = str(run_prerequisite(prereq, linked_values(config, prereq)))
+        _set(config, prereq.into, done[prereq.into])
     return done
