@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from domains.pointcloud.data import FEW_SHOT_SETTINGS, PointCloudData  # noqa: E402
 from domains.pointcloud.model import PointCloudClassifier  # noqa: E402
+from suite.prerequisites import resolve as resolve_prerequisites  # noqa: E402
 
 #: row name -> the file composed after domains/pointcloud.yaml (None: MCFT itself)
 METHODS: dict[str, str | None] = {
@@ -80,6 +81,7 @@ def method_config(variant: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     cfg = yaml.safe_load((ROOT / "domains/pointcloud.yaml").read_text())
     if variant:
         cfg = _merge(cfg, yaml.safe_load((ROOT / f"domains/pointcloud/{variant}.yaml").read_text()))
+    resolve_prerequisites(cfg)  # init_from: foundation -> the cached pretraining run (built once if absent)
     model, data = dict(cfg["model"]["init_args"]), dict(cfg["data"]["init_args"])
     opt = model.pop("optimizer")
     opt_cls = getattr(torch.optim, opt["class_path"].rsplit(".", 1)[1])

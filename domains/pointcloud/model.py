@@ -27,7 +27,6 @@ statistics in train mode, so "frozen" layers drift; frozen BatchNorms are kept i
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,12 +38,11 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from suite.adapters import AdapterSpec, parameter_report
-from suite.backbones.point import LoadReport, PointEncoder, PointEncoderConfig, load_point_mae
+from suite.backbones.point import LoadReport, PointEncoder, PointEncoderConfig, load_encoder_state, load_point_mae
 from suite.callbacks import EMATeacher
 from suite.module import AdaptedModule
 
 from .predict import CloudPredictionWriter
-from .pretrain import foundation_checkpoint
 
 #: Point-MAE's fine-tuning augmentation: per-axis scale in [2/3, 3/2] and shift in [-0.2, 0.2]
 SCALE, SHIFT = (2.0 / 3.0, 3.0 / 2.0), 0.2
@@ -64,11 +62,13 @@ class PointCloudClassifier(AdaptedModule):
     """Point encoder + linear head, fine-tuned by MCFT or by one of the baselines.
 
     Args:
-        num_classes: classes of the task (N of an N-way episode); checked against the data.
+        num_classes: classes of the task (N of an N-way episode); linked from the data.
         encoder: encoder shape; must match the pretrained checkpoint.
-        init_from: ``"foundation"`` (the cached pretraining run for this encoder, pretrained first
-            if absent), a checkpoint of the pretraining stage, a Point-MAE / Point-BERT checkpoint,
-            or ``None`` (random encoder: training from scratch).
+        init_from: (an AdaptedModule argument) a checkpoint of the pretraining stage (or of an
+            earlier fine-tuning stage), a Point-MAE / Point-BERT checkpoint, or ``None`` (random
+            encoder: training from scratch). ``domains/pointcloud.yaml`` gives ``foundation``, a
+            prerequisite: the cached pretraining run of ``pretrain.yaml`` for this encoder shape,
+            run once first when absent (``suite.prerequisites``).
         train_blocks: K, top blocks that train; 0 = none (linear probe / LoRA), -1 = the whole
             encoder including the patch embedding (full fine-tuning).
         momentum: m of the EMA teacher (1 keeps the teacher at the pretrained weights).
@@ -88,7 +88,6 @@ class PointCloudClassifier(AdaptedModule):
         self,
         num_classes: int = 5,
         encoder: PointEncoderConfig | None = None,
-        init_from: str | None = "foundation",
         train_blocks: int = 2,
         momentum: float = 0.99,
         consistency_weight: float = 1.0,
@@ -113,7 +112,8 @@ class PointCloudClassifier(AdaptedModule):
         with self.seeded():
             self.backbone = PointEncoder(cfg)
             self.head = linear_head(self.backbone.num_features, num_classes)
-        self.load_report = self._load_pretrained(init_from, cfg) if init_from else None
+        self.load_report: LoadReport | None = None
+        self.load_init_from()  # the pretrained encoder, before pruning and adapting
         self.backbone.prune(prune_blocks)
         self.adapt()  # injects `adapter` if any; freezes the rest of the backbone
         self._unfreeze(train_blocks)
@@ -122,14 +122,18 @@ class PointCloudClassifier(AdaptedModule):
         self.val_acc, self.test_acc = MulticlassAccuracy(num_classes, average="micro"), MulticlassAccuracy(num_classes, average="micro")
 
     # --- building -------------------------------------------------------------------------------
-    def _load_pretrained(self, init_from: str, cfg: PointEncoderConfig) -> LoadReport:
-        if init_from == "foundation":
-            path = foundation_checkpoint(replace(cfg, num_prompts=0, drop_path_rate=0.0))
-        else:
-            path = Path(init_from)
-            if not path.is_file():
-                raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint (use 'foundation', a pretraining-stage or a Point-MAE checkpoint)")
-        return load_point_mae(self.backbone, path)  # a stage's Lightning checkpoint keeps the encoder under backbone.*
+    def load_checkpoint_file(self, path: Path) -> AdaptedModule | None:
+        """A suite stage checkpoint goes through the shared lifecycle; a Point-MAE / Point-BERT
+        ``.pth`` (or a Lightning checkpoint written outside the CLI) loads its encoder directly."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(ckpt, dict) and "_class_path" in (ckpt.get("hyper_parameters") or {}):
+            return super().load_checkpoint_file(path)
+        self.load_report = load_point_mae(self.backbone, path)  # keeps the encoder's keys (backbone.* in a stage checkpoint)
+        return None
+
+    def extend_from(self, earlier: AdaptedModule) -> None:
+        """Only the earlier stage's encoder is taken (its decoder or head is another task's)."""
+        self.load_report = load_encoder_state(self.backbone, earlier.backbone.state_dict(), f"init_from {self.init_from}")
 
     def _unfreeze(self, k: int) -> None:
         blocks = self.backbone.blocks.blocks
@@ -223,12 +227,6 @@ class PointCloudClassifier(AdaptedModule):
         temperature = z.shape[1] ** 0.5
         linear.weight.copy_(protos / temperature)
         linear.bias.copy_(-protos.pow(2).sum(1) / (2 * temperature))
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        n = getattr(dm, "num_classes", None)
-        if n is not None and n != self.num_classes:
-            raise ValueError(f"model.num_classes={self.num_classes} but the data has {n} classes; set model.init_args.num_classes: {n}")
 
     # --- forward and losses ------------------------------------------------------------------------
     def forward(self, points: Tensor) -> Tensor:

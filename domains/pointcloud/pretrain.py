@@ -6,30 +6,22 @@ linear layer predicts each masked patch's ``group_size`` points, scored by the C
 to the true patch. No pretrained point weights can be downloaded here, so this stage makes the
 "foundation model" that fine-tuning starts from.
 
-:func:`foundation_checkpoint` runs this stage once per encoder shape (from
-``domains/pointcloud/pretrain.yaml``) and caches it under data/generated/pointcloud, so
-``python -m suite fit --config domains/pointcloud.yaml`` works on a fresh machine on its own.
+``domains/pointcloud.yaml`` declares this stage (``pretrain.yaml``) as its ``foundation``
+prerequisite: ``python -m suite fit --config domains/pointcloud.yaml`` runs it once per encoder
+shape (and pretraining config) and caches it (``suite.prerequisites``), so the fine-tuning YAML
+works on a fresh machine on its own.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 from torch import Tensor, nn
 
 from suite.backbones.point import PointEncoder, PointEncoderConfig, TransformerEncoder
-from suite.data import cached, generated_dir
 from suite.module import AdaptedModule
-
-PRETRAIN_YAML = Path(__file__).resolve().parent / "pretrain.yaml"
 
 
 def chamfer_distance(pred: Tensor, target: Tensor) -> Tensor:
@@ -105,34 +97,3 @@ class PointMAEPretrain(AdaptedModule):
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.reconstruct(batch["points"])
         return {"loss": chamfer_distance(out["pred"], out["target"])}
-
-
-# --- the cached foundation model ------------------------------------------------------------------------
-def foundation_checkpoint(encoder: PointEncoderConfig) -> Path:
-    """``last.ckpt`` of ``pretrain.yaml`` run for this encoder shape, pretraining first if absent.
-
-    The cache key hashes the pretraining YAML's settings (parsed, so editing a comment does not
-    pretrain again) and the encoder config, so changing either makes a new foundation. The global
-    RNG state is restored afterwards, so a run that had to pretrain continues exactly as one that
-    found the cache.
-    """
-    settings = {"pretrain": yaml.safe_load(PRETRAIN_YAML.read_text()), "encoder": encoder.to_dict()}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    folder = generated_dir("pointcloud") / f"foundation-{key}"
-
-    def build(tmp: Path) -> None:
-        from suite.cli import main as cli_main
-
-        print(f"[pointcloud] no cached foundation model for this encoder; pretraining it into {folder} (once)")
-        args = ["fit", "--config", str(PRETRAIN_YAML), "--trainer.default_root_dir", str(tmp),
-                "--model.init_args.encoder", json.dumps(encoder.to_dict())]
-        states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-        try:
-            cli_main(args)
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])
-            torch.random.set_rng_state(states[2])
-        (tmp / "checkpoints" / "last.ckpt").stat()  # fail here, not later, if the run wrote nothing
-
-    return cached(folder, build) / "checkpoints" / "last.ckpt"

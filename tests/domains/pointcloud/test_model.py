@@ -358,8 +358,3 @@ def test_checkpoint_rebuilds_for_test_and_resume_restores_the_teacher(tmp_path, 
     other = tiny_model(**(kw | {"init_from": None}))  # a different frozen backbone is refused
     with pytest.raises(RuntimeError, match="fingerprint"):
         tiny_trainer(tmp_path / "f").test(other, PointCloudData(**TINY_DATA), ckpt_path=tmp_path / "c.ckpt", verbose=False)
-
-
-def test_num_classes_mismatch_is_explained(tmp_path, data_dir):
-    with pytest.raises(ValueError, match="num_classes: 3"):
-        tiny_trainer(tmp_path, max_steps=1).fit(tiny_model(num_classes=5), PointCloudData(**TINY_DATA))

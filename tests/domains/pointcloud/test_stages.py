@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from domains.pointcloud import pretrain
 from suite.cli import main as cli_main
+from suite.prerequisites import Prerequisite, cache_folder, linked_values, resolve, run_prerequisite
 from suite.stages import run_stages
 from tests.domains.pointcloud.test_model import TINY, TINY_DATA, data_dir, tiny_model  # noqa: F401 (fixture)
 from tests.notebooks import cell_outputs, run_notebook
@@ -31,7 +31,7 @@ def _tiny_configs(tmp_path: Path) -> tuple[str, str]:
     """Overrides that shrink domains/pointcloud/pretrain.yaml and domains/pointcloud.yaml."""
     pre = {"trainer": QUIET | {"limit_val_batches": 1}, "model": {"init_args": {"encoder": TINY}},
            "data": {"init_args": TINY_DATA}}
-    ft = {"trainer": QUIET | {"max_epochs": 2}, "model": {"init_args": {"encoder": TINY, "num_classes": 3}},
+    ft = {"trainer": QUIET | {"max_epochs": 2}, "model": {"init_args": {"encoder": TINY}},
           "data": {"init_args": TINY_DATA}}
     return _write(tmp_path / "tiny-pre.yaml", pre), _write(tmp_path / "tiny-ft.yaml", ft)
 
@@ -43,6 +43,7 @@ def test_yaml_encoders_agree_and_variants_parse():
     assert pre["data"]["init_args"]["num_points"] == ft["data"]["init_args"]["num_points"]
     base = str(ROOT / "domains/pointcloud.yaml")
     cli = cli_main(["--config", base, "--model.init_args.init_from", "null", "--model.init_args.encoder", json.dumps(TINY)], run=False)
+    assert cli.model.num_classes == cli.datamodule.n_way == 5  # linked from the data, stated once
     expected = {  # variant -> (train_blocks, consistency_weight, prune_blocks, unlabelled)
         "semi": (2, 1.0, 0, 100), "pruned": (2, 1.0, 2, 0), "full": (-1, 0.0, 0, 0),
         "linear": (0, 0.0, 0, 0), "lora": (0, 0.0, 0, 0), "prompt": (0, 0.0, 0, 0),
@@ -57,42 +58,61 @@ def test_yaml_encoders_agree_and_variants_parse():
     assert prompt.model.init_args.encoder.num_prompts == 8 and prompt.model.init_args.encoder.trans_dim == 96
 
 
+def _foundation(tmp_path: Path, pretrain_yaml: str | None = None) -> tuple[Prerequisite, dict]:
+    """The `foundation` prerequisite of domains/pointcloud.yaml, on a tiny pretraining config, and
+    the values it links from a fine-tuning config with the tiny encoder."""
+    ft = yaml.safe_load((ROOT / "domains/pointcloud.yaml").read_text())
+    entry = ft["prerequisites"][0]
+    assert entry["name"] == "foundation" and entry["into"] == "model.init_args.init_from"
+    ft["model"]["init_args"]["encoder"] = dict(TINY)
+    if pretrain_yaml is None:
+        spec = yaml.safe_load((ROOT / "domains/pointcloud/pretrain.yaml").read_text())
+        spec["trainer"] |= QUIET | {"limit_val_batches": 0}
+        spec["data"]["init_args"] |= {k: v for k, v in TINY_DATA.items() if k != "num_points"}
+        pretrain_yaml = _write(tmp_path / "pretrain.yaml", spec)
+    prereq = Prerequisite(**(entry | {"configs": [pretrain_yaml]}))
+    ft["prerequisites"] = [dict(prereq.__dict__)]
+    return prereq, ft
+
+
 def test_foundation_is_pretrained_once_and_reused(tmp_path, data_dir, monkeypatch):
-    spec = yaml.safe_load(pretrain.PRETRAIN_YAML.read_text())
-    spec["trainer"] |= QUIET | {"limit_val_batches": 0}
-    spec["data"]["init_args"] |= TINY_DATA
-    monkeypatch.setattr(pretrain, "PRETRAIN_YAML", Path(_write(tmp_path / "pretrain.yaml", spec)))
+    prereq, ft = _foundation(tmp_path)
     torch.manual_seed(123)
-    first = tiny_model(init_from="foundation", train_blocks=1)
+    resolve(ft)  # init_from: foundation -> the prerequisite's checkpoint, pretrained now
+    path = ft["model"]["init_args"]["init_from"]
     after_pretraining = torch.rand(3)
-    folders = list((data_dir / "generated" / "pointcloud").glob("foundation-*"))
-    assert len(folders) == 1 and (folders[0] / "checkpoints" / "last.ckpt").is_file()
+    assert Path(path).is_file() and "prerequisites/foundation-" in path
     calls = []
     monkeypatch.setattr("suite.cli.main", lambda *a, **k: calls.append(a))
     torch.manual_seed(123)
-    second = tiny_model(init_from="foundation", train_blocks=1)
-    assert calls == []  # found in the cache
+    again = run_prerequisite(prereq, linked_values(ft, prereq))
+    assert calls == [] and str(again) == path  # found in the cache
     assert torch.equal(torch.rand(3), after_pretraining)  # pretraining left the global RNG as it was
+    first, second = tiny_model(init_from=path, train_blocks=1), tiny_model(init_from=path, train_blocks=1)
     assert torch.equal(first.backbone.encoder.first_conv[0].weight, second.backbone.encoder.first_conv[0].weight)
-    pre_state = torch.load(folders[0] / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    pre_state = torch.load(path, weights_only=True)["state_dict"]
     assert torch.equal(second.backbone.blocks.blocks[0].attn.qkv.weight, pre_state["backbone.blocks.blocks.0.attn.qkv.weight"])
+    with pytest.raises(FileNotFoundError, match="prerequisite"):  # the placeholder alone is not a checkpoint
+        tiny_model(init_from="foundation")
 
 
-def test_foundation_key_follows_settings_not_comments(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "cached", lambda folder, build: folder)  # the key only, no pretraining
-    encoder = pretrain.PointEncoderConfig.coerce(TINY)
-    text = pretrain.PRETRAIN_YAML.read_text()
+def test_foundation_key_follows_settings_not_comments(tmp_path):
+    prereq, ft = _foundation(tmp_path, str(ROOT / "domains/pointcloud/pretrain.yaml"))
+    values = linked_values(ft, prereq)
+    text = (ROOT / "domains/pointcloud/pretrain.yaml").read_text()
 
-    def key(yaml_text: str, enc=encoder) -> str:
+    def key(yaml_text: str, vals=values) -> str:
         path = tmp_path / f"{len(list(tmp_path.iterdir()))}.yaml"
         path.write_text(yaml_text)
-        monkeypatch.setattr(pretrain, "PRETRAIN_YAML", path)
-        return pretrain.foundation_checkpoint(enc).parts[-3]
+        return cache_folder(Prerequisite(**(prereq.__dict__ | {"configs": [str(path)]})), vals).name
 
     base = key(text)
     assert key("# an edited comment\n" + text) == base
     assert key(text.replace("mask_ratio: 0.6", "mask_ratio: 0.5")) != base
-    assert key(text, pretrain.PointEncoderConfig.coerce(TINY | {"depth": 2})) != base
+    assert key(text, values | {"model.init_args.encoder.depth": 2}) != base
+    # a fine-tuning-only setting (prompt tokens) is not linked: the same foundation serves prompt tuning
+    ft["model"]["init_args"]["encoder"]["num_prompts"] = 8
+    assert key(text, linked_values(ft, prereq)) == base
 
 
 @pytest.mark.slow
