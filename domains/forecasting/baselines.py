@@ -37,7 +37,7 @@ class DLinear(ForecastModule):
         self.seasonal = nn.Linear(lookback, horizon)
         for layer in (self.trend, self.seasonal):  # the reference initialises both to a plain average
             nn.init.constant_(layer.weight, 1.0 / lookback)
-        self.load_initial_weights()
+        self.load_init_from()
 
     def forecast(self, x: torch.Tensor) -> torch.Tensor:
         series = x.permute(0, 2, 1)  # [B, C, L]
@@ -73,7 +73,7 @@ class PatchTST(ForecastModule):
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(n * d_model, horizon)
-        self.load_initial_weights()
+        self.load_init_from()
 
     def forecast(self, x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
-from suite.adapters import AdapterSpec, LoRA, load_adapters
+from suite.adapters import AdapterSpec, LoRA
 from suite.backbones.causal_lm import build_causal_lm
 from suite.module import AdaptedModule
 
@@ -106,7 +106,6 @@ class ForecastModule(AdaptedModule):
         horizon: int = 96,
         revin: bool = True,
         scheduler_interval: str = "epoch",
-        init_from: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -116,7 +115,6 @@ class ForecastModule(AdaptedModule):
         self.scheduler_interval = scheduler_interval
         self.lookback, self.horizon = lookback, horizon
         self.revin = RevIN() if revin else None
-        self.init_from = init_from
         self.metrics = nn.ModuleDict({f"{stage}_{m}": cls() for stage in ("val", "test") for m, cls in
                                       (("mse", MeanSquaredError), ("mae", MeanAbsoluteError))})
         self._predictions: list[tuple[np.ndarray, np.ndarray]] = []
@@ -131,22 +129,6 @@ class ForecastModule(AdaptedModule):
             return self.forecast(x)
         z, stats = self.revin.normalise(x)
         return self.revin.denormalise(self.forecast(z), stats)
-
-    def load_initial_weights(self) -> None:
-        """``init_from``: a Lightning checkpoint (trainable state) or a ``save_adapters`` folder."""
-        if self.init_from is None:
-            return
-        path = Path(self.init_from)
-        if path.is_dir():
-            load_adapters(self, path)
-        else:
-            self.load_stage_checkpoint(path)  # torch.load(weights_only=True) inside
-
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        for name in ("lookback", "horizon"):
-            if dm is not None and getattr(dm, name, getattr(self, name)) != getattr(self, name):
-                raise ValueError(f"data.{name}={getattr(dm, name)} but model.{name}={getattr(self, name)}: set both to the same value")
 
     def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"loss": F.mse_loss(self(batch["x"]), batch["y"])}
@@ -263,7 +245,7 @@ class OneForAll(ForecastModule):
         nn.init.zeros_(self.head.weight)  # frozen zero base: the head is the rsLoRA product s*B*A
         nn.init.zeros_(self.head.bias)
         self.adapt(self)  # inject into the whole module: targets live outside the LM too
-        self.load_initial_weights()
+        self.load_init_from()  # an earlier run's checkpoint or save_adapters folder, if given
 
     def forecast(self, x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape
