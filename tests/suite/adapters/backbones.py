@@ -57,6 +57,27 @@ def _open_clip_text() -> nn.Module:
     return TextTransformer(context_length=16, vocab_size=100, width=32, heads=2, layers=2, output_dim=16)
 
 
+def _open_clip() -> nn.Module:
+    # the whole model from suite.backbones.clip (both towers; a small vocabulary, no tokenizer needed)
+    from suite.backbones.clip import build_clip
+
+    return build_clip("tiny", config={"text_cfg": {"vocab_size": 100, "context_length": 8}}).model
+
+
+def _clip_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.rand(2, 3, 32, 32), torch.randint(1, 100, (2, 8))
+
+
+def _clip_towers(model: nn.Module, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Vision tokens and pooled embedding (through suite's tower view) and the text embedding, in one tensor."""
+    from suite.backbones.clip import ClipVisionTower
+
+    images, ids = x
+    pcfg = model.visual.preprocess_cfg
+    vision = ClipVisionTower(model.visual, pcfg["mean"], pcfg["std"])(images)
+    return torch.cat([vision.tokens.flatten(1), vision.pooled, model.encode_text(ids)], dim=1)
+
+
 def _llama() -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,6 +108,10 @@ BACKBONES = {
     "open_clip_text": Backbone(
         "open_clip_text", _open_clip_text, lambda: torch.randint(1, 100, (2, 16)), _call,
         linear=("c_fc", "c_proj"), extra=("attn", "token_embedding"), qkv=("attn",),
+    ),
+    "open_clip": Backbone(  # both towers at once: ViT (conv1, attn, MLP) and text transformer
+        "open_clip", _open_clip, _clip_inputs, _clip_towers,
+        linear=("c_fc", "c_proj"), extra=("attn", "conv1", "token_embedding"), qkv=("attn",), conv=("conv1",),
     ),
     "llama": Backbone(
         "llama", _llama, lambda: torch.randint(0, 100, (2, 8)), _logits,
