@@ -1,0 +1,1 @@
+"""Multilingual medical dialogue (MedAidLM): knowledge base, MDDial-style generator, readers and metrics."""
