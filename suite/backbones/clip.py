@@ -278,7 +278,7 @@ class ClipPretrain(AdaptedModule):
         clip: str = TINY,
         clip_config: dict[str, Any] | None = None,
         checkpoint: str | None = None,
-        towers: list[str] = ("vision", "text"),
+        towers: tuple[str, ...] = ("vision", "text"),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

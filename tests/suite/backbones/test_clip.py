@@ -4,6 +4,7 @@ towers, and contrastive pretraining that learns zero-shot retrieval on a toy set
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -200,3 +201,36 @@ def test_clip_pretrain_with_adapter_and_frozen_tower():
         assert torch.equal(v, frozen[k])
     with pytest.raises(ValueError, match="towers must be"):
         ClipPretrain(towers=["audio"])
+
+
+def test_clip_pretraining_as_a_cached_prerequisite(monkeypatch):
+    """A run that needs a CLIP pretrained here declares it; it runs once, and its checkpoint loads."""
+    import csv
+
+    import suite.cli
+    from suite.prerequisites import Prerequisite, resolve, run_prerequisite
+
+    yaml_file = str(Path(__file__).with_name("clip_pretrain.yaml"))
+    override = {"vision_cfg": {"layers": 1}}  # linked: the consumer and the pretraining build the same model
+    consumer = {
+        "model": {"class_path": "suite.backbones.clip.ClipPretrain", "init_args": {"clip_config": override, "checkpoint": "clip"}},
+        "prerequisites": [{"name": "clip", "configs": [yaml_file], "into": "model.init_args.checkpoint",
+                           "link": {"model.init_args.clip_config": "model.init_args.clip_config"}}],
+    }
+    assert list(resolve(consumer)) == ["model.init_args.checkpoint"]
+    product = Path(consumer["model"]["init_args"]["checkpoint"])
+    assert product.name == "last.ckpt" and product.is_file()
+    metrics = next(product.parent.parent.glob("logs/version_*/metrics.csv"))
+    header = next(csv.reader(metrics.open()))
+    assert {"val/retrieval_i2t_top1", "val/retrieval_t2i_top1", "val/retrieval_chance", "train/loss"} <= set(header)
+    parts = build_clip("tiny", config=override, checkpoint=product)
+    assert len(parts.model.visual.transformer.resblocks) == 1
+    ckpt = torch.load(product, map_location="cpu", weights_only=True)
+    torch.testing.assert_close(parts.model.logit_scale, ckpt["state_dict"]["backbone.logit_scale"], rtol=0, atol=0)
+
+    def no_second_fit(*a, **k):
+        raise AssertionError("the cached prerequisite ran again")
+
+    monkeypatch.setattr(suite.cli, "main", no_second_fit)
+    prereq = Prerequisite(**consumer["prerequisites"][0])
+    assert run_prerequisite(prereq, {"model.init_args.clip_config": override}) == product
