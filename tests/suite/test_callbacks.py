@@ -91,10 +91,70 @@ def test_teacher_is_frozen_and_outside_the_model(tmp_path):
     model, ema = Regressor(), EMATeacher(momentum=0.5)
     _fit(model, [ema], tmp_path)
     assert model.ema_teacher is ema.teacher
-    assert not any(p.requires_grad for p in ema.teacher.parameters())
+    assert not any(t.requires_grad for t in ema.tensors.values())
     assert not ema.teacher.training
     assert all(k.startswith("backbone.") for k in model.state_dict())  # no teacher keys in the model
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in model.backbone.parameters())
+    # the teacher's forward is the student's network in eval mode with the teacher's tensors
+    reference = copy.deepcopy(model.backbone).eval()
+    reference.load_state_dict(ema.teacher.state_dict())
+    x = torch.randn(5, 4)
+    model.train()
+    torch.testing.assert_close(ema.teacher(x), reference(x), rtol=0, atol=0)
+    assert model.backbone.training  # the student's mode is restored after the teacher ran
+
+
+class PartlyFrozen(Regressor):
+    """A frozen first block (with its own BatchNorm) under a trained second one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.backbone[:2].requires_grad_(False)
+
+
+def test_teacher_copies_and_saves_only_the_trained_tensors(tmp_path):
+    model, ema = PartlyFrozen(), EMATeacher(momentum=0.5)
+    trainer = _fit(model, [ema], tmp_path)
+    assert set(ema.tensors) == {"2.weight", "2.bias", "3.weight", "3.bias", "3.running_mean", "3.running_var", "3.num_batches_tracked"}
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    saved = torch.load(tmp_path / "m.ckpt", weights_only=True)["callbacks"][ema.state_key]["teacher"]
+    assert set(saved) == set(ema.tensors)  # the frozen block is not saved twice
+    full = ema.teacher.state_dict()
+    assert torch.equal(full["0.weight"], model.backbone[0].weight)  # frozen: shared with the student
+
+
+def test_resume_with_gradient_accumulation_updates_as_an_uninterrupted_run(tmp_path):
+    """The first batch after a resume only accumulates; it must not add an EMA update."""
+    kw = {"accumulate_grad_batches": 3}
+    full_model, full_ema = Regressor(), EMATeacher(momentum=0.6)
+    calls = []
+    original = full_ema.update
+    full_ema.update = lambda st: (calls.append(1), original(st))
+    _fit(full_model, [full_ema], tmp_path / "a", max_epochs=2, **kw)
+
+    model, ema = Regressor(), EMATeacher(momentum=0.6)
+    trainer = _fit(model, [ema], tmp_path / "b", max_epochs=1, **kw)
+    trainer.save_checkpoint(tmp_path / "b.ckpt")
+    resumed_model, resumed_ema = Regressor(), EMATeacher(momentum=0.6)
+    resumed_calls = []
+    original_r = resumed_ema.update
+    resumed_ema.update = lambda st: (resumed_calls.append(1), original_r(st))
+    _fit(resumed_model, [resumed_ema], tmp_path / "c", max_epochs=2, ckpt_path=tmp_path / "b.ckpt", **kw)
+    assert len(resumed_calls) == len(calls) // 2  # the second epoch's updates only
+    for k, v in full_ema.tensors.items():
+        torch.testing.assert_close(resumed_ema.tensors[k], v, rtol=0, atol=1e-7)
+
+
+def test_a_different_configured_momentum_is_used_with_a_warning(tmp_path):
+    model, ema = Regressor(), EMATeacher(momentum=0.6)
+    trainer = _fit(model, [ema], tmp_path / "b", max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "b.ckpt")
+    other = EMATeacher(momentum=0.9)
+    with pytest.warns(UserWarning, match="momentum 0.6; continuing with the configured 0.9"):
+        _fit(Regressor(), [other], tmp_path / "c", max_epochs=2, ckpt_path=tmp_path / "b.ckpt")
+    assert other.momentum == 0.9
 
 
 def test_gradient_accumulation_updates_once_per_optimiser_step(tmp_path):
@@ -114,7 +174,7 @@ def test_teacher_survives_checkpoint_and_resume(tmp_path):
     trainer = _fit(model, [ema], tmp_path / "b", max_epochs=1)
     trainer.save_checkpoint(tmp_path / "b.ckpt")
     saved = torch.load(tmp_path / "b.ckpt", weights_only=True)["callbacks"][ema.state_key]["teacher"]
-    _assert_state_equal(saved, ema.teacher.state_dict())
+    _assert_state_equal(saved, ema.tensors)
 
     resumed_model, resumed_ema = Regressor(), EMATeacher(momentum=0.6)
     _fit(resumed_model, [resumed_ema], tmp_path / "c", max_epochs=2, ckpt_path=tmp_path / "b.ckpt")
