@@ -270,16 +270,20 @@ class RadiologyVQAData(SuiteDataModule):
 
     @property
     def attribute_classes(self) -> dict[str, int]:
-        """Number of groups per attribute (one CLUB classifier each); known after setup."""
+        """Number of groups per attribute (one CLUB classifier each), e.g. for a model argument
+        linked at instantiation. Fixed for the generated set; real data is read (setup) to find them."""
         return {a: len(v) for a, v in self._codes().vocab.items()}
 
     @property
     def num_groups(self) -> int:
+        """Number of combined groups over ``balance_on`` (group DRO's weights)."""
         return self._codes().num_groups
 
     def _codes(self) -> GroupCodes:
         if self.codes is None:
-            raise RuntimeError("call setup() first: group names come from the data")
+            if self.source == "generated":
+                return GroupCodes({a: ATTRIBUTES[a] for a in self.attributes}, self.balance_on)
+            self.setup()
         return self.codes
 
     def set_chat_encoder(self, encode: Callable[[list[list[dict[str, str]]]], dict[str, torch.Tensor]] | None) -> None:

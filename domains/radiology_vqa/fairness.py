@@ -46,6 +46,9 @@ fitted q gives a value near that (tested against the closed form of a Gaussian c
    age missing); its shipped MIMIC-CXR config sets ["age", "gender", "race"], which we follow.
 10. The reference asserts training mode in the fairness branch (an evaluation pass with the term
     on crashes); :func:`fairllava_loss` is a pure function and the model turns it off in validation.
+11. The reference can also pool over text or all tokens (``mi_token_mode``, dropping BOS / EOS by
+    position, which assumes right padding); its configs use image tokens. Here the mask passed to
+    :func:`sample_image_token` decides, so another token set is another mask.
 
 **Baselines**: group-balanced resampling (:func:`group_balanced_weights`,
 :class:`GroupBalancedSampler`) and group DRO (:class:`GroupDRO`, Sagawa et al. 2020, ICLR,

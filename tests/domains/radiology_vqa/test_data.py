@@ -145,5 +145,7 @@ def test_split_files_and_bad_arguments(tmp_path):
         RadiologyVQAData(resample="always")
     with pytest.raises(ValueError, match="bias_group for sex must be one of"):
         RadiologyVQAData(bias_group="old")
-    with pytest.raises(RuntimeError, match="call setup"):
-        RadiologyVQAData().attribute_classes
+    fresh = RadiologyVQAData(balance_on=("sex", "race"))  # known before setup (links at instantiation)
+    assert fresh.attribute_classes == {"age": 3, "sex": 2, "race": 3} and fresh.num_groups == 6 and not fresh.splits
+    real = RadiologyVQAData(source="llava", path=str(path), image_size=16, attributes=("sex",))
+    assert real.attribute_classes == {"sex": 2} and real.splits  # real data: read to find its groups
