@@ -182,6 +182,7 @@ class AdaptedModule(L.LightningModule):
             inject(target, self.adapter)
             self.report = parameter_report(self, self.adapter.method)
         self._adapted = True
+        object.__setattr__(self, "adapter_target", target)  # not a submodule: where adapters-folder init_from loads
         return self.report
 
     # --- starting from an earlier stage -----------------------------------------------------
@@ -190,7 +191,8 @@ class AdaptedModule(L.LightningModule):
 
         * a suite Lightning checkpoint: the earlier stage is rebuilt from it (:func:`rebuild_stage`,
           recursively through its own ``init_from``) and passed to :meth:`extend_from`;
-        * a ``save_adapters`` folder: its adapters are loaded into this model.
+        * a ``save_adapters`` folder (saved from the module :meth:`adapt` injected into, e.g.
+          ``save_adapters(model.backbone, path)``): its adapters are loaded there.
 
         Returns the rebuilt earlier stage (``None`` for a folder or without ``init_from``).
         """
@@ -199,7 +201,7 @@ class AdaptedModule(L.LightningModule):
             return None
         path = Path(self.init_from)
         if path.is_dir():
-            load_adapters(self, path)
+            load_adapters(getattr(self, "adapter_target", self), path)
             return None
         if not path.is_file():
             raise FileNotFoundError(

@@ -140,8 +140,15 @@ def resolved_config(args: list[str]) -> dict[str, Any]:
     return config
 
 
+def _stable(value: Any) -> Any:
+    """JSON-able, run-independent text for values a resolved config may hold (class defaults such as functions)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return str(value)
+
+
 def _folder(prereq: Prerequisite, args: list[str]) -> Path:
-    text = yaml.safe_dump(resolved_config(args), sort_keys=True)
+    text = json.dumps(resolved_config(args), sort_keys=True, default=_stable)
     key = hashlib.sha256((text + prereq.product).encode()).hexdigest()[:12]
     return generated_dir("prerequisites") / f"{prereq.name}-{key}"
 
