@@ -39,9 +39,9 @@ from suite.prerequisites import Prerequisite
 set_parsing_settings(subclasses_enabled=[AdapterSpec])
 
 #: ``data.init_args.X -> model.init_args.X`` at parse time; skipped when either class lacks X
-LINKED_ARGUMENTS = ("lookback", "horizon", "grid", "threshold_mev")
+LINKED_ARGUMENTS = ("lookback", "horizon", "grid", "threshold_mev", "num_tasks", "task")
 #: ``model.init_args.Y`` <- the instantiated data module's attribute Y; skipped when either lacks Y
-LINKED_ATTRIBUTES = ("num_classes", "num_types")
+LINKED_ATTRIBUTES = ("num_classes", "num_types", "classes_per_task", "attribute_classes", "num_groups")
 
 
 class _Parsed(Exception):

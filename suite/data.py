@@ -16,6 +16,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+class DataFormatError(ValueError):
+    """A data file that does not hold what its format promises. Every reader raises this (or a
+    subclass) instead of a library's traceback; the message names the file, the field and the
+    expected form, e.g. ``data/fold1/masks.npy: field 'inst_map' holds NaN; expected integer ids >= 0``."""
+
+    def __init__(self, path: str | Path, field: str | None, problem: str) -> None:
+        where = f"{path}: field {field!r}" if field else f"{path}"
+        super().__init__(f"{where}: {problem}")
+        self.path, self.field = str(path), field
+
+
 #: Root of generated datasets; override with the SUITE_DATA_DIR environment variable.
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
