@@ -2,16 +2,19 @@
 
 The network (``network.py``) is a causal transformer over energy-ordered hits, each a voxel
 token plus an energy token, with one feed-forward expert per class (``<material>_<particle>``)
-behind a label-masked router and heads per particle. This module is its Lightning side: the
-losses, the lifecycle of extensions, generation, and the shower metrics.
+behind a label-masked router and heads per particle: ours (``architecture: ours``) or the
+reference's ``ECAL_GPT`` (``architecture: fm4cal``). This module is its Lightning side: the
+losses, the lifecycle of extensions, generation (``sampling.py``), and the shower metrics (ours
+and the reference's, ``metrics.py``).
 
 The lifecycle (each step one YAML of ``domains/calorimetry/lifecycle.yaml``):
 
 1. pretrain on W and Ta photons (everything trains);
-2. add Pb photons: a new expert per block cloned from ``closest_expert`` (W); only it trains;
+2. add Pb photons: a new expert per block cloned from ``closest_expert`` (Ta, the reference's
+   choice); only it trains;
 3. add electrons: rsLoRA on attention q/k/v/out used by electron rows only, electron heads
-   copied from the photon heads, and a new expert; only those train;
-4. add Ta and Pb electrons: one new expert each.
+   copied from the photon heads, and a new expert (from W photons); only those train;
+4. add Ta electrons (expert from W electrons) and Pb electrons (from Ta electrons).
 
 No forgetting is exact: every old class takes the same arithmetic on the same tensors as before
 (its own expert, the frozen attention, its own heads), so its outputs are bit-identical. The
@@ -26,7 +29,9 @@ recursively) and this model's :meth:`CaloShowerModel.extend_from` then extends i
 Reference bugs fixed: ``fine_tune.py`` imported a non-existent ``models/losses.py`` (every
 stage here is importable from YAML, tested); the new router row was copied from the *last*
 expert instead of the closest (see ``suite.adapters.moe``); de-tokenisation one bin too high
-and hard-coded Ta/Pb electron hit shifts (see ``tokens.py``). The reference's PiSSA helper
+and hard-coded Ta/Pb electron hit shifts (see ``tokens.py``); ``F.mse`` (no such function) in
+the MoE balance loss, and experts sized for the config's six classes while pretraining on two
+(our experts are one per trained class, added one at a time). The reference's PiSSA helper
 sliced columns of V (``V[:, :r]``) where the top-r right singular vectors are rows of V^T
 (``Vh[:r]``) from ``torch.linalg.svd``; we do not use PiSSA: our LoRA starts from B = 0 with a
 Kaiming-uniform A (PEFT's default), which needs no SVD, so that mistake cannot arise.
@@ -34,6 +39,7 @@ Kaiming-uniform A (PEFT's default), which needs no SVD, so that mistake cannot a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 from pathlib import Path
@@ -49,22 +55,29 @@ from suite.adapters.core import parameter_report
 from suite.module import AdaptedModule
 
 from .data import Geometry, parse_class, write_calochallenge
-from .metrics import compare
-from .network import PROJECTIONS, ShowerTransformer
+from .metrics import compare, reference_metrics
+from .network import ARCHITECTURES, PROJECTIONS
+from .sampling import REFERENCE_SAMPLING, Sampling, draw
 from .tokens import ShowerTokenizer
 
 #: hyperparameters that fix the architecture; a stage must use its init_from's values
-ARCHITECTURE = ("grid", "energy_bins", "threshold_mev", "e_max_mev", "width", "depth", "heads", "ffn_mult", "rope_theta", "backbone_seed")
+ARCHITECTURE = ("architecture", "grid", "energy_bins", "energy_spacing", "threshold_mev", "e_max_mev", "width", "depth",
+                "heads", "ffn_mult", "rope_theta", "backbone_seed")
+#: sampling presets: ours (constraints on) and FM4CAL's (see sampling.py)
+SAMPLING_PRESETS = {"ours": Sampling(), "reference": REFERENCE_SAMPLING}
 
 
 class CaloShowerModel(AdaptedModule):
     """The FM4CAL shower model and its lifecycle stages (see the module docstring).
 
     Args:
+        architecture: ``"ours"`` or ``"fm4cal"`` (the reference's network; see ``network.py``).
         grid: voxels per (layer, a, b), linked from the data (``data.init_args.grid``). Reference: 30 x 30 x 30.
-        energy_bins, threshold_mev, e_max_mev: log-spaced deposit bins from the readout threshold
-            (linked from ``data.init_args.threshold_mev``: the lowest deposit that is a hit) to e_max.
-        width, depth, heads, ffn_mult: transformer size (CPU default 64 / 2 / 4 / 2; reference width 256).
+        energy_bins, energy_spacing, threshold_mev, e_max_mev: deposit bins (``"log"`` or the
+            reference's ``"linear"``) from the readout threshold (linked from
+            ``data.init_args.threshold_mev``: the lowest deposit that is a hit) to e_max.
+        width, depth, heads, ffn_mult: transformer size (CPU default 64 / 2 / 4 / 2; reference
+            256 / 3 / 8 / 2, its depth counting the cross-attention block).
         rope_theta: rotary base (1000 as in the reference: sequences are short).
         classes: pretraining classes (with ``init_from`` the checkpoint's classes are used).
         add_class: this stage's new class, e.g. ``Pb_photon``; needs ``init_from``.
@@ -73,8 +86,12 @@ class CaloShowerModel(AdaptedModule):
         lora_r, lora_alpha: rsLoRA (scale alpha / sqrt(r)) for a new particle. Reference r=128, alpha=32.
         finetune: ``"peft"`` (the lifecycle) or ``"full"`` (baseline: new class heads and expert,
             no LoRA, and *every* weight trains; forgetting is then possible and measured).
-        max_hits, temperature, monotone_energy: generation (hits ordered by energy, so each
-            sampled energy token may be at most the previous one).
+        head_weight_decay: weight decay of the particle heads in their own optimiser group, the
+            rest at the optimiser's own (the reference fine-tunes with 0.1 on its heads, 0 else).
+        max_hits: longest generated shower.
+        sampling: generation options (:class:`~domains.calorimetry.sampling.Sampling` fields),
+            optionally ``preset: reference`` (FM4CAL's: dynamic temperature, stop on either end
+            token, no constraints) with overrides; default ours (constraints on).
         init_from: the previous stage's checkpoint (the stage runner passes it; an AdaptedModule argument).
         output_dir: where ``predict`` writes, per class, ``<class>_generated.hdf5`` and
             ``<class>_reference.hdf5`` (CaloChallenge layout) and two PNGs (default
@@ -86,8 +103,10 @@ class CaloShowerModel(AdaptedModule):
 
     def __init__(
         self,
+        architecture: str = "ours",
         grid: list[int] = [8, 6, 6],  # noqa: B006 - jsonargparse reads literal defaults
         energy_bins: int = 64,
+        energy_spacing: str = "log",
         threshold_mev: float = 50.0,
         e_max_mev: float = 1.2e5,  # above the hottest voxel of a 100 GeV shower
         width: int = 64,
@@ -102,18 +121,22 @@ class CaloShowerModel(AdaptedModule):
         lora_r: int = 8,
         lora_alpha: float = 8.0,  # 8 / sqrt(8) = 2.83, the reference's 32 / sqrt(128)
         finetune: str = "peft",
+        head_weight_decay: float | None = None,
         max_hits: int = 128,
-        temperature: float = 1.0,
-        monotone_energy: bool = True,
+        sampling: dict[str, Any] | None = None,
         output_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if finetune not in ("peft", "full"):
             raise ValueError(f"finetune must be 'peft' or 'full', got {finetune!r}")
-        self.tokenizer = ShowerTokenizer(int(np.prod(grid)), threshold_mev, e_max_mev, energy_bins)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}")
+        self.tokenizer = ShowerTokenizer(int(np.prod(grid)), threshold_mev, e_max_mev, energy_bins, energy_spacing)
         self.grid = tuple(grid)
-        self.max_hits, self.temperature, self.monotone_energy = max_hits, temperature, monotone_energy
+        self.max_hits, self.sampling = max_hits, self._sampling(sampling)
+        self.head_weight_decay = head_weight_decay
+        self.scheduler_interval = "epoch"  # a scheduler's milestones are epochs (the reference's MultiStepLR)
         self.output_dir = output_dir
         self.add_class, self.closest_expert, self.finetune = add_class, closest_expert, finetune
         self.lora_r, self.lora_alpha = lora_r, lora_alpha
@@ -127,11 +150,34 @@ class CaloShowerModel(AdaptedModule):
             if len(particles) != 1:
                 raise ValueError(f"pretraining classes must share one particle (the base), got {classes}")
             with self.seeded():
-                self.backbone = ShowerTransformer(self.tokenizer, self.grid, width, depth, heads, ffn_mult,
-                                                  list(classes), particles.pop(), rope_theta, dropout)
+                self.backbone = ARCHITECTURES[architecture](self.tokenizer, self.grid, width, depth, heads, ffn_mult,
+                                                            list(classes), particles.pop(), rope_theta, dropout)
             self.stage = "pretrain"
         self.load_init_from()  # a later stage: rebuild the earlier one and extend it (extend_from)
         self.report = parameter_report(self, self.stage)
+
+    @staticmethod
+    def _sampling(options: dict[str, Any] | None) -> Sampling:
+        options = dict(options or {})
+        preset = options.pop("preset", "ours")
+        if preset not in SAMPLING_PRESETS:
+            raise ValueError(f"sampling preset must be one of {sorted(SAMPLING_PRESETS)}, got {preset!r}")
+        if "temperature_range" in options:
+            options["temperature_range"] = tuple(options["temperature_range"])
+        try:
+            return dataclasses.replace(SAMPLING_PRESETS[preset], **options)
+        except TypeError as e:
+            raise ValueError(f"sampling: {e}; the options are {[f.name for f in dataclasses.fields(Sampling)]} and preset") from e
+
+    def param_groups(self) -> list[dict[str, Any]] | list[torch.nn.Parameter]:
+        """With ``head_weight_decay``: the particle heads in a group of their own with that decay."""
+        params = self.trainable_parameters()
+        if self.head_weight_decay is None:
+            return params
+        heads = {id(p) for p in self.backbone.heads.parameters()}
+        groups = [{"params": [p for p in params if id(p) in heads], "weight_decay": self.head_weight_decay},
+                  {"params": [p for p in params if id(p) not in heads]}]
+        return [g for g in groups if g["params"]]
 
     # --- lifecycle: extend the earlier stage --------------------------------------------------
     def extend_from(self, earlier: "CaloShowerModel") -> None:
@@ -215,6 +261,7 @@ class CaloShowerModel(AdaptedModule):
         s_tgt = F.pad(space, (0, 1), value=tok.space_pad)
         s_tgt[rows, n] = tok.space_end
         e_tgt = F.pad(energy, (0, 1), value=tok.energy_pad)
+        e_tgt[rows, n] = tok.energy_end  # as the reference: the energy head learns the end too (stop_on="either")
         return space, energy, s_tgt, e_tgt
 
     def logits(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,17 +307,21 @@ class CaloShowerModel(AdaptedModule):
     # --- generation -------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, incident_mev: torch.Tensor, labels: list[str], temperature: float | None = None,
-                 max_hits: int | None = None, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 max_hits: int | None = None, generator: torch.Generator | None = None,
+                 sampling: Sampling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample showers autoregressively: (space, energy) token sequences (B, <= max_hits + 1).
 
         Keys and values of earlier hits are cached, so each step costs one position, not the sequence.
-
-        Constraints applied while sampling: a voxel is hit at most once, start/pad are never
-        drawn, the sequence ends by ``max_hits``, and (``monotone_energy``) energies do not rise.
-        ``temperature`` divides the logits; 0 takes the most likely token.
+        Each step draws the voxel, then its energy, with ``sampling`` (default: the model's; a
+        ``temperature`` given here overrides its temperature). Start and pad tokens are never
+        drawn and a sequence ends by ``max_hits``; with ``unique_voxels`` a voxel is hit at most
+        once, with ``monotone_energy`` energies do not rise, and with ``stop_on="either"`` an
+        energy end token also ends the sequence (the reference's rule).
         """
         net, tok = self.backbone, self.tokenizer
-        temperature = self.temperature if temperature is None else temperature
+        cfg = self.sampling if sampling is None else sampling
+        if temperature is not None:
+            cfg = dataclasses.replace(cfg, temperature=temperature, dynamic_temperature=False)
         max_hits = self.max_hits if max_hits is None else max_hits
         dev = incident_mev.device
         ids, particles = self.route(labels)
@@ -282,14 +333,9 @@ class CaloShowerModel(AdaptedModule):
         banned = torch.zeros(b, tok.space_vocab, dtype=torch.bool, device=dev)
         banned[:, [tok.START, tok.space_pad]] = True
         e_allowed = torch.arange(tok.energy_vocab, device=dev)
-        e_special = (e_allowed == tok.START) | (e_allowed >= tok.energy_end)
+        e_special = (e_allowed == tok.START) | (e_allowed == tok.energy_pad) | ((e_allowed == tok.energy_end) & (cfg.stop_on == "space"))
         ceiling = torch.full((b,), tok.n_bins, device=dev)
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-
-        def draw(logits: torch.Tensor) -> torch.Tensor:
-            if temperature == 0:
-                return logits.argmax(-1)
-            return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(1)
 
         caches: list[dict] = [{} for _ in net.blocks]
         x = net.embed_condition(incident_mev)
@@ -298,14 +344,19 @@ class CaloShowerModel(AdaptedModule):
             s_logits = net.per_particle(particles, lambda hd: hd.space_logits(h)).masked_fill(banned, -math.inf)
             if step == max_hits:
                 s_logits = torch.full_like(s_logits, -math.inf).index_fill_(1, torch.tensor([tok.space_end], device=dev), 0.0)
-            s = torch.where(done, tok.space_pad, draw(s_logits))
-            e_mask = e_special[None] | (self.monotone_energy & (e_allowed[None] > ceiling[:, None]))
-            e = draw(net.per_particle(particles, lambda hd: hd.energy_logits(h, s)).masked_fill(e_mask, -math.inf))
-            is_hit = ~done & (s != tok.space_end)
+            s = torch.where(done, tok.space_pad, draw(s_logits, cfg, step, max_hits + 1, generator))
+            # energies above the last one are barred (monotone); the end token stays allowed under stop_on="either"
+            e_mask = e_special[None] | (cfg.monotone_energy & (e_allowed[None] > ceiling[:, None]) & (e_allowed[None] != tok.energy_end))
+            e_logits = net.per_particle(particles, lambda hd: hd.energy_logits(h, s)).masked_fill(e_mask, -math.inf)
+            e = draw(e_logits, cfg, step, max_hits + 1, generator)
+            ends = ~done & ((s == tok.space_end) | (e == tok.energy_end))
+            s = torch.where(ends, tok.space_end, s)
+            is_hit = ~done & ~ends
             e = torch.where(is_hit, e, tok.energy_pad)
-            banned[rows[is_hit], s[is_hit]] = True
+            if cfg.unique_voxels:
+                banned[rows[is_hit], s[is_hit]] = True
             ceiling = torch.where(is_hit, e, ceiling)
-            done |= s == tok.space_end
+            done |= ends
             space, energy = torch.cat([space, s[:, None]], 1), torch.cat([energy, e[:, None]], 1)
             if done.all():
                 break
@@ -373,10 +424,19 @@ class CaloShowerModel(AdaptedModule):
             out[cls] = compare(np.stack(d["ref"]), np.stack(d["gen"]), inc, inc, self.geometry())
         return out
 
+    def reference_class_metrics(self) -> dict[str, dict[str, float]]:
+        """FM4CAL's W1 and quantile KL per observable for every collected class (10 quantile bins:
+        our test sets hold ~100 showers per class, the reference's 10,000)."""
+        geo = self.geometry()
+        return {cls: reference_metrics(np.stack(d["ref"]), np.stack(d["gen"]), geo, n_bins=10) for cls, d in self._collected.items()}
+
     def on_test_epoch_end(self) -> None:
         for cls, m in self.class_metrics().items():
             for k in ("sep_mean", "kl_mean", "auc", "sep/e_ratio", "sep/n_hits", "sep/longitudinal", "sep/lateral"):
                 self.log(f"test/{cls}/{k}", m[k])
+        for cls, m in self.reference_class_metrics().items():
+            for k in ("kl_mean", "w1/energy_sum", "w1/n_hits", "w1/cog_z", "kl/cell_energy"):
+                self.log(f"test/{cls}/fm4cal/{k}", m[k])
         unchanged = self.outputs_unchanged()
         if unchanged is not None:
             self.log("test/no_forgetting", float(unchanged))

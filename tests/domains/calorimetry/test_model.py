@@ -1,6 +1,8 @@
-"""Calorimetry model: the no-forgetting guarantee across the whole lifecycle (torch.equal), what
-each extension adds and trains, generation constraints, the YAML lifecycle through the stage
-runner with ``test --ckpt_path`` on later stages, predict outputs, and the notebook."""
+"""Calorimetry model: the no-forgetting guarantee across the whole lifecycle (torch.equal) for both
+architectures, what each extension adds and trains, generation with our constraints and with the
+reference's sampling, the reference recipe (optimiser groups, schedules) and expert choices, the
+YAML lifecycle through the stage runner with ``test --ckpt_path`` on later stages, predict
+outputs, and the notebook."""
 
 from __future__ import annotations
 
@@ -63,28 +65,32 @@ def _stage(tmp: Path, prev: CaloShowerModel, name: str, add: str, closest: str, 
     return CaloShowerModel(**TINY, init_from=_save(prev, tmp / f"{name}.ckpt"), add_class=add, closest_expert=closest, **kw)
 
 
-def test_every_extension_keeps_old_outputs_bit_identical(tmp_path: Path) -> None:
-    """Pretrain -> +Pb -> +electrons (LoRA, heads, expert) -> +Ta electrons, training each stage;
-    logits *and* sampled showers of every earlier class stay torch.equal."""
+@pytest.mark.parametrize("arch", ["ours", "fm4cal"])
+def test_every_extension_keeps_old_outputs_bit_identical(tmp_path: Path, arch: str) -> None:
+    """Pretrain -> +Pb (from Ta) -> +electrons (LoRA, heads, expert) -> +Ta electrons (from W
+    electrons), training each stage; logits *and* sampled showers of every earlier class stay torch.equal."""
     old = _batch(["W_photon", "Ta_photon"])
-    pretrain = CaloShowerModel(**TINY)
+    pretrain = CaloShowerModel(**TINY, architecture=arch)
     _train(pretrain, old)
     ref = _outputs(pretrain, old)
     gen_ref = pretrain.generate(old["incident_energy"], old["label"], generator=torch.Generator().manual_seed(5))
 
-    pb = _stage(tmp_path, pretrain, "pretrain", "Pb_photon", "W")
+    pb = _stage(tmp_path, pretrain, "pretrain", "Pb_photon", "Ta", architecture=arch)
+    moe = pb.backbone.blocks[0].moe
+    ta_expert, pb_expert = (moe.experts[moe.label_experts(c)[0]] for c in ("Ta_photon", "Pb_photon"))
+    assert all(torch.equal(a, b) for a, b in zip(pb_expert.parameters(), ta_expert.parameters()))  # the reference's closest
     _train(pb, _batch(["Pb_photon"]))
     assert torch.equal(_outputs(pb, old), ref)
     old_pb = _batch(["W_photon", "Ta_photon", "Pb_photon"])
     ref_pb = _outputs(pb, old_pb)
 
-    el = _stage(tmp_path, pb, "add_pb", "W_electron", "W", lora_r=4, lora_alpha=4.0)
+    el = _stage(tmp_path, pb, "add_pb", "W_electron", "W", lora_r=4, lora_alpha=4.0, architecture=arch)
     _train(el, _batch(["W_electron", "W_photon"]))  # mixed batches: photon rows take no LoRA
     assert torch.equal(_outputs(el, old_pb), ref_pb)
     old_el = _batch(["W_photon", "Pb_photon", "W_electron"])
     ref_el = _outputs(el, old_el)
 
-    ta = _stage(tmp_path, el, "add_electron", "Ta_electron", "W")
+    ta = _stage(tmp_path, el, "add_electron", "Ta_electron", "W", architecture=arch)
     _train(ta, _batch(["Ta_electron"]))
     assert torch.equal(_outputs(ta, old_el), ref_el)
     assert torch.equal(_outputs(ta, old), ref)
@@ -93,13 +99,18 @@ def test_every_extension_keeps_old_outputs_bit_identical(tmp_path: Path) -> None
     assert all(torch.equal(a, b) for a, b in zip(gen, gen_ref))
 
     # `test --ckpt_path` on the last stage: rebuild from the stage checkpoints alone
-    rebuilt = CaloShowerModel(**TINY, init_from=str(tmp_path / "add_electron.ckpt"), add_class="Ta_electron", closest_expert="W")
+    rebuilt = CaloShowerModel(**TINY, init_from=str(tmp_path / "add_electron.ckpt"), add_class="Ta_electron", closest_expert="W",
+                              architecture=arch)
     ckpt_path = _save(ta, tmp_path / "ta.ckpt")
     ckpt = torch.load(ckpt_path, weights_only=True)
     rebuilt.on_load_checkpoint(ckpt)
     rebuilt.load_state_dict(ckpt["state_dict"], strict=False)
     everything = _batch(["W_photon", "Ta_photon", "Pb_photon", "W_electron", "Ta_electron"])
     assert torch.equal(_outputs(rebuilt, everything), _outputs(ta, everything))
+    other = "fm4cal" if arch == "ours" else "ours"
+    with pytest.raises(ValueError, match="architecture differs"):
+        CaloShowerModel(**TINY, init_from=str(tmp_path / "add_electron.ckpt"), add_class="Pb_electron", closest_expert="Ta",
+                        architecture=other)
 
 
 def test_a_new_particle_gets_rslora_copied_heads_and_a_closest_expert(tmp_path: Path) -> None:
@@ -161,12 +172,79 @@ def test_generation_respects_its_constraints() -> None:
     assert torch.equal(greedy[0][0], greedy[1][0])
 
 
+def _biased(model: CaloShowerModel, voxel: int | None = None, energy_end: float = 0.0, energy_bins: tuple[int, ...] = ()) -> None:
+    """Push the photon heads towards one voxel, the energy end token and some energy bins."""
+    heads = model.backbone.heads["photon"]
+    with torch.no_grad():
+        if voxel is not None:
+            heads.space.bias[voxel + 1] += 30.0
+        heads.energy.bias[model.tokenizer.energy_end] += energy_end
+        for t in energy_bins:
+            heads.energy.bias[t] += 30.0
+
+
+@pytest.mark.parametrize("arch", ["ours", "fm4cal"])
+def test_generation_with_the_reference_sampling_drops_our_constraints(arch: str) -> None:
+    tok_kw = dict(generator=torch.Generator().manual_seed(0), max_hits=12)
+    inc, labels = torch.full((6,), 5e4), ["W_photon"] * 6
+    ours = CaloShowerModel(**TINY, architecture=arch).eval()
+    reference = CaloShowerModel(**TINY, architecture=arch, sampling={"preset": "reference"}).eval()
+    assert reference.sampling.stop_on == "either" and reference.sampling.dynamic_temperature
+    for model in (ours, reference):  # one voxel and the two extreme energy bins are favoured
+        _biased(model, voxel=5, energy_bins=(1, model.tokenizer.n_bins))
+    s, e = ours.generate(inc, labels, **tok_kw)
+    hits = (s >= 1) & (s <= ours.tokenizer.n_voxels)
+    assert all(len(set(row[m].tolist())) == int(m.sum()) for row, m in zip(s, hits))  # each voxel once
+    assert all((row[m][1:] <= row[m][:-1]).all() for row, m in zip(e, hits))  # energies never rise
+    s, e = reference.generate(inc, labels, **tok_kw)
+    hits = (s >= 1) & (s <= reference.tokenizer.n_voxels)
+    assert (s[hits] == 6).float().mean() > 0.9  # voxel 5 again and again
+    assert any((row[m][1:] > row[m][:-1]).any() for row, m in zip(e, hits))  # energies rise and fall
+    # the energy end token ends a sequence under stop_on="either" only
+    for model in (ours, reference):
+        _biased(model, energy_end=60.0)
+    s, e = reference.generate(inc, labels, **tok_kw)
+    assert s.shape[1] == 1 and (s[:, 0] == reference.tokenizer.space_end).all() and (e == reference.tokenizer.energy_pad).all()
+    s, e = ours.generate(inc, labels, **tok_kw)
+    assert s.shape[1] > 1 and not (e == ours.tokenizer.energy_end).any()
+    top = CaloShowerModel(**TINY, sampling={"preset": "reference", "method": "top_k", "top_k": 3})
+    assert top.sampling.method == "top_k" and top.sampling.top_k == 3 and top.sampling.stop_on == "either"
+    with pytest.raises(ValueError, match="sampling: .*top_n.*the options are"):
+        CaloShowerModel(**TINY, sampling={"top_n": 3})
+
+
+def test_reference_recipe_puts_the_heads_in_their_own_decay_group(tmp_path: Path) -> None:
+    pretrain = CaloShowerModel(**TINY)
+    el = _stage(tmp_path, pretrain, "pretrain", "W_electron", "W", head_weight_decay=0.1,
+                optimizer=lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0),
+                scheduler=lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [5, 10], 0.1))
+    cfg = el.configure_optimizers()
+    groups = cfg["optimizer"].param_groups
+    heads = {id(p) for p in el.backbone.heads["electron"].parameters()}
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert {id(p) for p in groups[0]["params"]} == heads
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in el.parameters() if p.requires_grad}
+    assert cfg["lr_scheduler"]["interval"] == "epoch"  # the reference's milestones count epochs
+    pb = _stage(tmp_path, pretrain, "pretrain2", "Pb_photon", "Ta", head_weight_decay=0.1)
+    assert len(pb.param_groups()) == 1  # a material stage trains no heads: one group
+
+
 def test_stage_yamls_name_importable_classes_and_chain_correctly() -> None:
     """The reference's fine_tune.py imported a models/losses.py that does not exist; every class
     a calorimetry YAML names must import, and every stage must extend the one before it."""
-    life = yaml.safe_load((ROOT / "domains/calorimetry/lifecycle.yaml").read_text())
+    closest = {}
+    for lifecycle in ("lifecycle.yaml", "lifecycle_reference.yaml"):
+        closest[lifecycle] = _check_lifecycle(ROOT / "domains/calorimetry" / lifecycle)
+    # the reference's closest experts: Pb photons from Ta photons, Ta electrons from W electrons, Pb electrons from Ta electrons
+    assert closest["lifecycle.yaml"] == closest["lifecycle_reference.yaml"] == {
+        "Pb_photon": "Ta", "W_electron": "W", "Ta_electron": "W", "Pb_electron": "Ta"}
+
+
+def _check_lifecycle(path: Path) -> dict[str, str]:
+    life = yaml.safe_load(path.read_text())
     names = [s["name"] for s in life["stages"]]
     known: set[str] = set()
+    closest: dict[str, str] = {}
     for i, stage in enumerate(life["stages"]):
         assert stage.get("init_from") == (names[i - 1] if i else None)
         merged: dict = {}
@@ -181,6 +259,9 @@ def test_stage_yamls_name_importable_classes_and_chain_correctly() -> None:
         known |= set(merged["model"]["classes"]) if new is None else {new}
         assert set(merged["data"]["classes"]) == ({new} if new else set(merged["model"]["classes"]))
         assert set(merged["data"].get("eval_classes", merged["data"]["classes"])) == known
+        if new:
+            closest[new] = merged["model"]["closest_expert"]
+    return closest
 
 
 # --- the YAML lifecycle, end to end ---------------------------------------------------------------
@@ -252,6 +333,33 @@ def test_fit_alone_and_predict_write_hdf5_and_pngs(lifecycle: Path, tmp_path: Pa
         with h5py.File(out / f"{cls}_generated.hdf5") as f:
             assert f["incident_energies"].shape == (len(inc), 1)
         assert (out / f"{cls}_layers.png").stat().st_size > 1000 and (out / f"{cls}_observables.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_reference_recipe_yamls_run(tmp_path: Path) -> None:
+    """RAdam + MultiStepLR [5, 10, 15, 20] to pretrain, AdamW 1e-4 with 0.1 decay on the heads +
+    MultiStepLR [5, 10] to fine-tune, gradients clipped at 1, the fm4cal network: as composed from YAML."""
+    from suite.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        arch = ["--model.init_args.architecture", "fm4cal", "--model.init_args.depth", "2"]
+        pre = main(["fit", "--config", "domains/calorimetry.yaml", "--config", "domains/calorimetry/reference_recipe.yaml",
+                    "--trainer.default_root_dir", str(tmp_path / "pre"), *CLI_TINY, *arch])
+        opt, sched = pre.trainer.optimizers[0], pre.trainer.lr_scheduler_configs[0]
+        assert isinstance(opt, torch.optim.RAdam) and opt.defaults["lr"] == 1e-3 and pre.trainer.gradient_clip_val == 1.0
+        assert sorted(sched.scheduler.milestones) == [5, 10, 15, 20] and sched.interval == "epoch"
+        ft = main(["fit", "--config", "domains/calorimetry.yaml", "--config", "domains/calorimetry/add_electron.yaml",
+                   "--config", "domains/calorimetry/reference_recipe_finetune.yaml", "--trainer.default_root_dir", str(tmp_path / "ft"),
+                   "--model.init_args.init_from", str(tmp_path / "pre/checkpoints/last.ckpt"), *CLI_TINY, *arch,
+                   "--data.init_args.eval_classes", "[W_photon, Ta_photon, W_electron]"])  # no Pb stage in between
+    finally:
+        os.chdir(cwd)
+    groups = ft.trainer.optimizers[0].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and all(g["initial_lr"] == 1e-4 for g in groups)
+    assert sorted(ft.trainer.lr_scheduler_configs[0].scheduler.milestones) == [5, 10]
+    assert ft.model.outputs_unchanged() is True and ft.model.hparams["architecture"] == "fm4cal"
 
 
 @pytest.mark.slow
