@@ -282,7 +282,8 @@ class ChatDataset(Dataset):
             self.stats.examples += 1
             try:
                 if generation:
-                    messages, meta["reference"] = split_reply(messages) if messages[-1].get("role") == "assistant" else (messages, None)
+                    replied = isinstance(messages, list) and messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant"
+                    messages, meta["reference"] = split_reply(messages) if replied else (messages, None)
                     enc = encode_prompt(tokenizer, messages, max_length)
                 else:
                     enc = encode_chat(tokenizer, messages, max_length)

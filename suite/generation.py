@@ -6,10 +6,10 @@ a KV cache, stopping at the end of the turn, streaming decoded text to a callbac
     reply = chat_reply(lm, tok, messages, on_text=lambda piece: print(piece, end="", flush=True))
 
 Decoding is Hugging Face's ``model.generate`` (KV cache on by default); this module fixes the parts
-every caller would otherwise repeat: stop ids from the chat tokenizer (end of turn and EOS), the
-model's own generation defaults overridden (SmolLM2 ships sampling settings), eval mode for the
-call, seeded sampling, only the new tokens returned (without the stop token), and incremental
-detokenisation that never emits half a UTF-8 character. A vision-language model passes its prompt
+every caller would otherwise repeat: stop ids from the chat tokenizer (end of turn and EOS), one
+explicit generation config (so a model folder's generation_config.json cannot switch sampling on
+behind the caller's back), eval mode for the call, seeded sampling, only the new tokens returned
+(without the stop token), and incremental detokenisation that never emits half a UTF-8 character. A vision-language model passes its prompt
 as ``inputs_embeds`` (image tokens spliced into the text embeddings) with an ``attention_mask``.
 """
 
@@ -107,6 +107,7 @@ def generate(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=stop, pad_token_id=pad, use_cache=use_cache, **sampling
     )
+    extra = config.update(**generate_kwargs)  # generation settings join the config; the rest go to generate()
     streamer = _TextCallback(tokenizer, on_text, stop) if on_text is not None else None
     inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
     if attention_mask is not None:
@@ -118,7 +119,7 @@ def generate(
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if seed is not None:
                 torch.manual_seed(seed)
-            out = model.generate(**inputs, generation_config=config, streamer=streamer, **generate_kwargs)
+            out = model.generate(**inputs, generation_config=config, streamer=streamer, **extra)
     finally:
         for m, mode in modes:
             m.training = mode

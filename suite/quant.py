@@ -104,6 +104,17 @@ def to_nf4(weight: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
                          codes[::2] << 4 | codes[1::2], levels.to(w.dtype))
 
 
+def nf4_state_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of an NF4 tensor's codes and scales (e.g. to fingerprint a frozen base)."""
+    names, _ = t.__tensor_flatten__()
+    out = []
+    for n in sorted(names):
+        x = getattr(t, n).detach().cpu().reshape(-1)
+        dense = torch.empty(x.numel(), dtype=x.dtype).copy_(x)  # fresh unit-stride storage (size-1 views keep odd strides)
+        out.append(dense.view(torch.uint8).numpy().tobytes())
+    return b"".join(out)
+
+
 def dequantize_nf4(t: torch.Tensor) -> torch.Tensor:
     """The dense values of an NF4 tensor (bit-identical to torchao's ``get_original_weight``), also
     for its transpose, which torchao's ``to`` would read as the untransposed data."""
@@ -278,6 +289,7 @@ def quantize_nf4(
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     report = QuantReport("nf4" if ok else "none", fallback_reason=None if ok else why)
+    injected = any(isinstance(m, AdapterLayer) for m in model.modules())  # then trainable weights are modules_to_save
     targets = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Linear) or isinstance(mod, NF4Linear):
@@ -293,7 +305,7 @@ def quantize_nf4(
             reason = "weight shared with another module (tied)"
         elif mod.weight.numel() % block_size:
             reason = f"size {tuple(mod.weight.shape)} is not a multiple of the NF4 block ({block_size})"
-        elif mod.weight.requires_grad and any(isinstance(m, AdapterLayer) for m in model.modules()):
+        elif mod.weight.requires_grad and injected:
             reason = "trainable (modules_to_save)"
         if reason is not None:
             report.skipped[name] = reason

@@ -267,7 +267,7 @@ class ClipPretrain(AdaptedModule):
         clip: open_clip config name (``"tiny"``, ``"ViT-B-32"``, ...).
         clip_config: overrides deep-merged into that config (e.g. ``{"vision_cfg": {"image_size": 64}}``).
         checkpoint: an open_clip state dict / safetensors file to start from.
-        towers: the towers trained fully when no adapter is given (``["vision", "text"]``); with an
+        towers: the towers trained fully when no adapter is given (both by default); with an
             ``adapter`` (e.g. LoRA on ``attn``, ``c_fc``, ``c_proj``) the adapters train instead.
             ``logit_scale`` trains either way and is clamped to ln(100) after each step, as in
             open_clip's training loop.
@@ -328,18 +328,20 @@ class ClipPretrain(AdaptedModule):
             self.backbone.logit_scale.clamp_(0, math.log(100))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        with torch.no_grad():
-            img, txt = self.embed(batch)
-        self._val.append((img, txt, _text_ids(list(batch["text"])).to(img.device)))
+        img, txt = self.embed(batch)  # once: the loss and the retrieval both use these
+        scale = self.backbone.logit_scale.exp()
+        bs = img.shape[0]
+        self.log("val/loss", self.loss_fn(img, txt, scale), prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log("val/logit_scale", scale, sync_dist=True, batch_size=bs)
+        self._val.append((img.detach(), txt.detach(), _text_ids(list(batch["text"])).to(img.device)))
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
             return
         img, txt, ids = (torch.cat(x) for x in zip(*self._val))
         self._val.clear()
-        if self.trainer.world_size > 1:  # retrieval over every rank's held-out pairs
+        if self.trainer.world_size > 1:  # retrieval over every rank's held-out pairs (the same on every rank)
             img, txt, ids = (self.all_gather(x).flatten(0, 1) for x in (img, txt, ids))
         for k, v in retrieval_accuracy(img, txt, ids).items():
-            self.log(f"val/retrieval_{k}", v, rank_zero_only=True)
+            self.log(f"val/retrieval_{k}", v)
 

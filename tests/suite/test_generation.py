@@ -83,6 +83,10 @@ def test_stops_at_end_of_turn_and_streams(trained, tok):
     short = generate(trained, tok, input_ids=ids, attention_mask=mask, max_new_tokens=3)
     assert short.stopped == [False] and len(short.tokens[0]) == 3 and REPLY.startswith(short.texts[0])
     assert chat_reply(trained, tok, PROMPT, max_new_tokens=40) == REPLY
+    pieces = []  # streaming also works for a prompt given as embeddings (generate() then hands over no prompt ids)
+    embeds = trained.get_input_embeddings()(ids)
+    out = generate(trained, tok, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=40, on_text=pieces.append)
+    assert out.texts == [REPLY] and "".join(pieces) == REPLY
     with pytest.raises(ValueError, match="one conversation at a time"):
         generate(trained, tok, input_ids=ids.repeat(2, 1), on_text=print)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
