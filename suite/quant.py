@@ -25,8 +25,8 @@ layer adapts it unchanged. Two things LoRA does with a base weight are given a m
 
 - ``W + delta`` (LoRA's no-gradient shortcut for long inputs) dequantises ``W`` and returns a dense
   sum: exactly the weight the NF4 forward uses, plus the delta.
-- in-place ``W += delta`` (``merge``) is refused with a message: adding a delta to 4-bit codes would
-  re-quantise it (a second, silent rounding). :func:`merge_quantized` instead replaces each NF4 base
+- in-place ``W += delta`` or ``W.copy_(W + delta)`` (``merge``) is refused with a message: writing
+  a dense result into 4-bit codes would re-quantise it (a second, silent rounding). :func:`merge_quantized` instead replaces each NF4 base
   by a dense Linear holding its dequantised weight and merges there; the merged model computes
   what the unmerged NF4 model computes, to float round-off (measured in the tests: <= 1e-5).
 
@@ -167,9 +167,24 @@ def _register_ops() -> None:
         names, _ = t.__tensor_flatten__()
         return mod.NF4Tensor(*mod.construct_nf4_args(t, {n: getattr(t, n).clone() for n in names}))
 
+    def copy_nf4_only(func, args, kwargs=None):
+        if not isinstance(args[1], mod.NF4Tensor):
+            raise RuntimeError(
+                "copying dense values into an NF4 weight would re-quantise them (a second, silent rounding). To merge "
+                "adapters use suite.quant.merge_quantized(model); to load dense weights, load them into the dense "
+                "model and quantise it with suite.quant.quantize_nf4."
+            )
+        return torchao_copy(func, args, kwargs)
+
     # torchao's clone re-quantises the dequantised values with default block sizes: lossy, and an
     # assertion error for weights of fewer than 256 blocks. deepcopy clones; copy the codes instead.
     table[aten.clone.default] = exact_clone
+    # torchao's copy_ quantises a dense source; a merge that writes W + dW back (in bf16: copy_) would
+    # silently round twice. NF4 -> NF4 copies (load_state_dict of a 4-bit state) stay torchao's.
+    torchao_copy = table[aten.copy_.default]
+    if not getattr(torchao_copy, "suite_checked", False):
+        copy_nf4_only.suite_checked = True
+        table[aten.copy_.default] = copy_nf4_only
     for op in (aten.add.Tensor, aten.sub.Tensor):
         table.setdefault(op, out_of_place)  # a later torchao that implements them keeps its own
     for op in (aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor):

@@ -168,6 +168,15 @@ def test_qlora_trains_saves_exports_and_merges(tmp_path):
     with pytest.raises(RuntimeError, match="merge_quantized"):
         merge(model)
     assert not any(layer.merged for _, layer in adapter_layers(model))
+    low = _tiny(1, dtype=torch.bfloat16, quantize="nf4")  # a bf16 merge writes W + dW back with copy_: refused too
+    inject(low, LoRA(r=2, targets=["q_proj"]))
+    with pytest.raises(RuntimeError, match="merge_quantized"):
+        merge(low)
+    with pytest.raises(RuntimeError, match="would re-quantise them"):
+        low.model.layers[0].mlp.up_proj.weight.copy_(torch.zeros(128, 64, dtype=torch.bfloat16))
+    again = _tiny(2, quantize="nf4")  # NF4 -> NF4 copies (a 4-bit state dict) stay exact
+    again.load_state_dict(base.state_dict())
+    assert nf4_state_bytes(again.model.layers[1].mlp.down_proj.weight) == nf4_state_bytes(base.model.layers[1].mlp.down_proj.weight)
     assert len(merge_quantized(model)) == 14
     assert all(layer.merged and type(layer.base_layer) is nn.Linear for _, layer in adapter_layers(model))
     with torch.no_grad():  # stated merge error: the unmerged NF4 model, to fp32 round-off
