@@ -51,7 +51,9 @@ class RunRecord(L.Callback):
 
     filename = "run.json"
 
-    def __init__(self) -> None:
+    def __init__(self, precision_reason: str | None = None) -> None:
+        """``precision_reason``: why the run trains in its precision (the CLI sets it)."""
+        self.precision_reason = precision_reason
         self.record: dict[str, Any] = {}
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -74,6 +76,7 @@ class RunRecord(L.Callback):
             "world_size": trainer.world_size,
             "strategy": type(trainer.strategy).__name__,
             "precision": str(trainer.precision),
+            "precision_reason": self.precision_reason or "as configured",
         }
         # trainer.log_dir broadcasts from rank 0, so every rank must ask for it
         log_dir = trainer.log_dir

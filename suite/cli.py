@@ -28,9 +28,11 @@ import lightning as L
 from jsonargparse import Namespace, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from suite.adapters import AdapterSpec
 from suite.callbacks import RunRecord
+from suite.precision import choose_precision
 from suite.prerequisites import Prerequisite
 
 # Specs are dataclasses, which jsonargparse reads field by field unless told otherwise. Enabling
@@ -87,6 +89,12 @@ class SuiteCLI(LightningCLI):
         from suite.prerequisites import resolve
 
         resolve(config)
+        if config.trainer.precision is None:  # follow the hardware (suite.precision); an explicit value wins
+            config.trainer.precision, reason = choose_precision(config.trainer.accelerator)
+            config.run_record.precision_reason = f"{config.trainer.precision}: {reason}"
+            rank_zero_info(f"precision {config.run_record.precision_reason} (force one with --trainer.precision)")
+        else:
+            config.run_record.precision_reason = f"{config.trainer.precision}: set in the config or on the command line"
         root = config.trainer.default_root_dir or os.getcwd()
         if config.get("weights_only", False) is None:
             config.weights_only = True  # --ckpt_path files load without unpickling arbitrary objects

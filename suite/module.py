@@ -126,6 +126,9 @@ class AdaptedModule(L.LightningModule):
 
     #: set by a subclass that never injects an adapter spec: what it does instead (a spec is then refused)
     adapter_note: ClassVar[str] = ""
+    #: under bf16-mixed, frozen base weights are stored in bf16 (suite.precision); a subclass whose
+    #: guarantees need the fp32 values (bit-identical outputs of frozen parts) sets this
+    keep_frozen_fp32: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -401,6 +404,20 @@ class AdaptedModule(L.LightningModule):
                 f"(fingerprint {current} != {saved}). Use the same backbone checkpoint and backbone_seed."
             )
 
+    def _store_frozen_for(self, precision: Any) -> None:
+        """bf16 training stores the frozen base in bf16; another precision gets fp32 frozen weights back."""
+        from suite.precision import LOW_PRECISION, is_bf16, store_frozen
+
+        frozen = self._frozen_parameter_names()
+        if is_bf16(precision) and not self.keep_frozen_fp32:
+            self.backbone_fingerprint()  # of the weights as built, before they are stored in bf16
+            n = store_frozen(self, torch.bfloat16, frozen)
+            if n:
+                rank_zero_info(f"bf16: {n} frozen weight tensors stored in bf16; adapters, heads and optimiser state stay fp32")
+        elif any(p.dtype in LOW_PRECISION for n, p in self.named_parameters() if n in frozen):
+            rank_zero_info(f"precision {precision}: frozen weights stored in bf16 by an earlier bf16 run are used in fp32")
+            store_frozen(self, torch.float32, frozen)
+
     # --- FSDP2 ------------------------------------------------------------------------------
     def fsdp_units(self) -> list[nn.Module]:
         """Modules sharded as their own FSDP2 units before the top-level children.
@@ -418,6 +435,7 @@ class AdaptedModule(L.LightningModule):
         if not self._started:
             raise RuntimeError(f"{type(self).__name__} was given init_from={self.init_from!r} but never loaded it: "
                                "call self.load_init_from() at the end of __init__")
+        self._store_frozen_for(self.trainer.precision if self._trainer is not None else None)
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return

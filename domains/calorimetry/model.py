@@ -98,6 +98,8 @@ class CaloShowerModel(AdaptedModule):
             ``<default_root_dir>/predictions``).
     """
 
+    #: the no-forgetting check compares old classes' outputs bit for bit with their fp32 values
+    keep_frozen_fp32 = True
     adapter_note = ("the shower model grows by stages instead: add_class adds an expert per block cloned from "
                     "closest_expert and, for a new particle, rsLoRA on attention (lora_r, lora_alpha)")
 

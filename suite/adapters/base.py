@@ -157,18 +157,34 @@ class AdapterLayer(nn.Module):
     # --- merging, written once against delta_weight() ---------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold the delta into the base weight: ``W + delta`` computed in fp32, rounded once to W's dtype.
+
+        A low-precision weight (bf16, fp16) cannot be recovered from the rounded sum, so its
+        original is kept until :meth:`unmerge`, which restores it bit for bit (the class of bug
+        PEFT's merges in half precision had: ``W += delta`` in bf16, then ``W -= delta``, does not
+        return W). An fp32 weight is restored to fp32 round-off and costs no copy.
+        """
         if self.merged:
             return
+        w = self.base_layer.weight
         delta = self._checked_delta()
-        self.base_layer.weight.add_(delta.to(self.base_layer.weight.dtype))
+        if w.dtype in (torch.float32, torch.float64):
+            w.add_(delta.to(w.dtype))
+        else:
+            self._unmerged_weight = w.detach().clone()
+            w.copy_((w.float() + delta.float()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        delta = self._checked_delta()
-        self.base_layer.weight.sub_(delta.to(self.base_layer.weight.dtype))
+        w = self.base_layer.weight
+        original = self.__dict__.pop("_unmerged_weight", None)
+        if original is not None:
+            w.copy_(original)
+        else:
+            w.sub_(self._checked_delta().to(w.dtype))
         self.merged = False
 
     def _checked_delta(self) -> torch.Tensor:

@@ -275,6 +275,8 @@ class LoRALayer(AdapterLayer):
             return super().merge()
         w2 = self.weight2d()  # a view of base_layer.weight: writing it writes the weight
         scale = self.dora_scale()
+        if w2.dtype not in (torch.float32, torch.float64):  # see AdapterLayer.merge: keep what cannot be recomputed
+            self._unmerged_weight = w2.detach().clone()
         w2.copy_((scale[:, None] * (w2.float() + self.lora.delta().float())).to(w2.dtype))
         self._merge_scale = scale
         self.merged = True
@@ -284,7 +286,11 @@ class LoRALayer(AdapterLayer):
         if not self.merged or not self.spec.dora:
             return super().unmerge()
         w2 = self.weight2d()
-        w2.copy_((w2.float() / self._merge_scale[:, None].float() - self.lora.delta().float()).to(w2.dtype))
+        original = self.__dict__.pop("_unmerged_weight", None)
+        if original is not None:
+            w2.copy_(original)
+        else:
+            w2.copy_((w2.float() / self._merge_scale[:, None].float() - self.lora.delta().float()).to(w2.dtype))
         self._merge_scale = None
         self.merged = False
 
@@ -526,6 +532,15 @@ class LoRAMultiheadAttention(AdapterLayer):
             self.merged = False
 
     def _add_deltas(self, sign: float) -> None:
+        """``W +/- delta`` in fp32, rounded once; a low-precision weight is kept at merge and restored
+        bit for bit at unmerge (see AdapterLayer.merge)."""
+        originals = self.__dict__.setdefault("_unmerged_weights", {})
         for key, delta in self.deltas().items():
             p = self.base_layer.get_parameter(key)
-            p.add_(delta.to(p.dtype), alpha=sign)
+            if p.dtype in (torch.float32, torch.float64):
+                p.add_(delta.to(p.dtype), alpha=sign)
+            elif sign > 0:
+                originals[key] = p.detach().clone()
+                p.copy_((p.float() + delta.float()).to(p.dtype))
+            else:
+                p.copy_(originals.pop(key))
