@@ -19,7 +19,8 @@ one, else from every class folder), never per split, so a class missing from one
 shift the labels of the other.
 
 Every reader either returns the values the official loader returns (see each function) or raises
-:class:`PointCloudFormatError` naming the file, the field and the expected form: library errors
+:class:`PointCloudFormatError` (a :class:`suite.data.DataFormatError`) naming the file, the field
+and the expected form: library errors
 (h5py, numpy parsing, UTF-8 decoding) are caught and re-raised as it, and NaN / inf coordinates
 are refused rather than passed on. A missing file or folder is a ``FileNotFoundError``.
 The .off parser and sampling are ~60 lines of numpy rather than a trimesh dependency: trimesh
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 from suite.backbones.point import farthest_point_sample, gather_points
+from suite.data import DataFormatError
 
 from .shapes import normalize_unit_sphere, sample_surface
 
@@ -52,16 +54,18 @@ SCANOBJECTNN_CLASSES = [
 ]
 
 
-class PointCloudFormatError(ValueError):
-    """A point-cloud file that is not in its format's expected form.
+class PointCloudFormatError(DataFormatError):
+    """A point-cloud file that is not in its format's expected form (the suite's
+    :class:`~suite.data.DataFormatError`, a ``ValueError``).
 
     ``path`` is the file, ``field`` the part of it at fault (an HDF5 dataset, a line, a header
-    count) and ``expected`` the form the reader needs; the message states all three.
+    count), ``expected`` the form the reader needs and ``got`` what it found; the message states
+    them all: ``<path>: field '<field>': expected <expected>, got <got>``.
     """
 
     def __init__(self, path: str | Path, field: str, expected: str, got: Any = None) -> None:
-        self.path, self.field, self.expected, self.got = Path(path), field, expected, got
-        super().__init__(f"{path}: {field}: expected {expected}" + ("" if got is None else f", got {got}"))
+        super().__init__(path, field, f"expected {expected}" + ("" if got is None else f", got {got}"))
+        self.expected, self.got = expected, got
 
 
 @dataclass
@@ -126,7 +130,7 @@ def _check_finite(path: Path, field: str, points: np.ndarray) -> None:
 
 def _check_labels(path: Path, labels: np.ndarray, n_classes: int) -> None:
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
-        raise PointCloudFormatError(path, "'label'", f"class indices 0..{n_classes - 1}", f"labels span {labels.min()}..{labels.max()}")
+        raise PointCloudFormatError(path, "label", f"class indices 0..{n_classes - 1}", f"labels span {labels.min()}..{labels.max()}")
 
 
 def _enough_points(path: Path, field: str, n_points: int, num_points: int) -> None:
@@ -237,20 +241,20 @@ def _read_h5_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with h5py.File(path, "r") as f:
             for key in ("data", "label"):
                 if not isinstance(f.get(key), h5py.Dataset):
-                    raise PointCloudFormatError(path, f"'{key}'", expected, f"keys {sorted(f.keys())}")
+                    raise PointCloudFormatError(path, key, expected, f"keys {sorted(f.keys())}")
             data, label = np.asarray(f["data"][()]), np.asarray(f["label"][()])
     except PointCloudFormatError:
         raise
     except Exception as e:  # truncated or corrupted file: h5py / HDF5 raise OSError, KeyError, RuntimeError, ...
         raise PointCloudFormatError(path, "file", expected, f"{type(e).__name__}: {e}") from None
     if data.dtype.kind not in "fiu" or data.ndim != 3 or data.shape[-1] != 3 or not len(data):
-        raise PointCloudFormatError(path, "'data'", "a non-empty (n, P, 3) array of numbers", f"{data.dtype} {data.shape}")
+        raise PointCloudFormatError(path, "data", "a non-empty (n, P, 3) array of numbers", f"{data.dtype} {data.shape}")
     if label.dtype.kind not in "iu":
-        raise PointCloudFormatError(path, "'label'", "integer class indices", label.dtype)
+        raise PointCloudFormatError(path, "label", "integer class indices", label.dtype)
     if label.shape not in ((len(data),), (len(data), 1)):
-        raise PointCloudFormatError(path, "'label'", f"shape ({len(data)},) or ({len(data)}, 1)", label.shape)
+        raise PointCloudFormatError(path, "label", f"shape ({len(data)},) or ({len(data)}, 1)", label.shape)
     xyz = data.astype(np.float32)
-    _check_finite(path, "'data'", xyz)
+    _check_finite(path, "data", xyz)
     return xyz, label.reshape(-1).astype(np.int64)
 
 
@@ -266,7 +270,7 @@ def read_modelnet_h5(root: str | Path, split: str, num_points: int) -> PointSet:
     for f in files:
         data, label = _read_h5_arrays(f)
         _check_labels(f, label, len(names))
-        _enough_points(f, "'data'", data.shape[1], num_points)
+        _enough_points(f, "data", data.shape[1], num_points)
         points.append(downsample(data, num_points))
         labels.append(label)
         ids += [f"{f.stem}:{i}" for i in range(len(data))]
@@ -284,7 +288,7 @@ def read_scanobjectnn_h5(path: str | Path, num_points: int) -> PointSet:
         raise FileNotFoundError(f"ScanObjectNN file {path} not found (e.g. main_split/test_objectdataset_augmentedrot_scale75.h5)")
     data, label = _read_h5_arrays(path)
     _check_labels(path, label, len(SCANOBJECTNN_CLASSES))
-    _enough_points(path, "'data'", data.shape[1], num_points)
+    _enough_points(path, "data", data.shape[1], num_points)
     ids = [f"{path.stem}:{i}" for i in range(len(data))]
     return PointSet(downsample(data, num_points), label, list(SCANOBJECTNN_CLASSES), ids)
 

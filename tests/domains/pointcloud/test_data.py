@@ -46,10 +46,10 @@ def test_read_off_errors_name_the_file_and_problem(tmp_path):
     with pytest.raises(ValueError, match=r"bad.off.*OFF"):
         readers.read_off(tmp_path / "bad.off")
     (tmp_path / "short.off").write_text("OFF\n8 12 0\n0 0 0\n")
-    with pytest.raises(readers.PointCloudFormatError, match=r"short.off: data lines: expected 8 vertex \+ 12 face lines"):
+    with pytest.raises(readers.PointCloudFormatError, match=r"short.off: field 'data lines': expected 8 vertex \+ 12 face lines"):
         readers.read_off(tmp_path / "short.off")
     (tmp_path / "index.off").write_text("OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 7\n")
-    with pytest.raises(readers.PointCloudFormatError, match=r"index.off: face 0: .*indices below 3"):
+    with pytest.raises(readers.PointCloudFormatError, match=r"index.off: field 'face 0': .*indices below 3"):
         readers.read_off(tmp_path / "index.off")
 
 
@@ -118,7 +118,7 @@ def test_modelnet_h5_reader(tmp_path):
         assert cKDTree(src).query(got)[0].max() < 1e-6
     with h5py.File(root / "ply_data_test0.h5", "w") as f:
         f["data"] = _cloud_batch(2, 64, 2)
-    with pytest.raises(readers.PointCloudFormatError, match=r"ply_data_test0.h5: 'label': expected an HDF5 file"):
+    with pytest.raises(readers.PointCloudFormatError, match=r"ply_data_test0.h5: field 'label': expected an HDF5 file"):
         readers.read_modelnet_h5(root, "test", 16)
 
 
@@ -139,7 +139,7 @@ def test_modelnet_txt_reader(tmp_path):
     np.testing.assert_allclose(s.points.mean(1), 0.0, atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(s.points, axis=-1).max(1), 1.0, atol=1e-6)
     np.savetxt(root / "airplane" / "airplane_0001.txt", np.ones((40, 3)), delimiter=",")
-    with pytest.raises(readers.PointCloudFormatError, match=r"airplane_0001.txt: lines: expected 6 comma-separated numbers"):
+    with pytest.raises(readers.PointCloudFormatError, match=r"airplane_0001.txt: field 'lines': expected 6 comma-separated numbers"):
         readers.read_modelnet_txt(root, "train", 32)
 
 
@@ -155,7 +155,7 @@ def test_scanobjectnn_h5_reader(tmp_path):
     with h5py.File(path, "w") as f:
         f["data"] = _cloud_batch(1, 64, 5)
         f["label"] = np.array([15])
-    with pytest.raises(readers.PointCloudFormatError, match="'label': expected class indices 0..14, got labels span 15..15"):
+    with pytest.raises(readers.PointCloudFormatError, match="field 'label': expected class indices 0..14, got labels span 15..15"):
         readers.read_scanobjectnn_h5(path, 32)
 
 

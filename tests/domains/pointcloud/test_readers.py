@@ -14,6 +14,7 @@ import pytest
 from domains.pointcloud import readers
 from domains.pointcloud.data import PointCloudData
 from domains.pointcloud.readers import PointCloudFormatError
+from suite.data import DataFormatError
 from tests.domains.pointcloud import reference_loaders as ref
 from tests.domains.pointcloud.test_data import CUBE_QUADS, CUBE_V, write_off
 
@@ -145,7 +146,8 @@ def _raises(path: Path, field: str, call) -> PointCloudFormatError:
     with pytest.raises(PointCloudFormatError) as info:
         call()
     err = info.value
-    assert err.path == path and field in err.field and str(path) in str(err) and "expected" in str(err)
+    assert isinstance(err, DataFormatError) and Path(err.path) == path and field in err.field
+    assert str(err).startswith(f"{path}: field ") and "expected" in str(err)
     return err
 
 
@@ -209,13 +211,13 @@ def test_h5_bad_input(tmp_path):
 
     clouds, labels = np.random.default_rng(1).normal(size=(3, 32, 3)).astype(np.float32), np.array([0, 1, 2])
     for data, label, field in (
-        (np.where(np.arange(32)[None, :, None] == 7, np.nan, clouds), labels, "'data'"),  # NaN clouds
-        (np.where(np.arange(32)[None, :, None] == 7, np.inf, clouds), labels, "'data'"),
-        (clouds[..., :2], labels, "'data'"),                                            # (n, P, 2)
-        (clouds.astype(bool), labels, "'data'"),
-        (clouds, labels.astype(np.float32) + 0.5, "'label'"),                           # fractional labels
-        (clouds, labels[:2], "'label'"),
-        (clouds, None, "'label'"),                                                      # a missing key
+        (np.where(np.arange(32)[None, :, None] == 7, np.nan, clouds), labels, "data"),  # NaN clouds
+        (np.where(np.arange(32)[None, :, None] == 7, np.inf, clouds), labels, "data"),
+        (clouds[..., :2], labels, "data"),                                            # (n, P, 2)
+        (clouds.astype(bool), labels, "data"),
+        (clouds, labels.astype(np.float32) + 0.5, "label"),                           # fractional labels
+        (clouds, labels[:2], "label"),
+        (clouds, None, "label"),                                                      # a missing key
     ):
         write(data, label)
         _raises(path, field, lambda: readers.read_scanobjectnn_h5(path, 16))
@@ -229,4 +231,4 @@ def test_h5_bad_input(tmp_path):
     (root / "shape_names.txt").write_text("a\nb\nc\n")
     with h5py.File(root / "ply_data_train0.h5", "w") as f:
         f["data"], f["label"] = np.where(np.arange(32)[None, :, None] == 3, np.nan, clouds), labels[:, None]
-    _raises(root / "ply_data_train0.h5", "'data'", lambda: readers.read_modelnet_h5(root, "train", 16))
+    _raises(root / "ply_data_train0.h5", "data", lambda: readers.read_modelnet_h5(root, "train", 16))
