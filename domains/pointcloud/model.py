@@ -27,6 +27,7 @@ statistics in train mode, so "frozen" layers drift; frozen BatchNorms are kept i
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,9 +44,8 @@ from suite.callbacks import EMATeacher
 from suite.module import AdaptedModule
 
 from .predict import CloudPredictionWriter
+from .pretrain import scale_and_translate
 
-#: Point-MAE's fine-tuning augmentation: per-axis scale in [2/3, 3/2] and shift in [-0.2, 0.2]
-SCALE, SHIFT = (2.0 / 3.0, 3.0 / 2.0), 0.2
 #: small per-point jitter (std, clip) so the two views differ locally as well as globally
 JITTER = (0.01, 0.05)
 
@@ -71,7 +71,10 @@ class PointCloudClassifier(AdaptedModule):
             run once first when absent (``suite.prerequisites``).
         train_blocks: K, top blocks that train; 0 = none (linear probe / LoRA), -1 = the whole
             encoder including the patch embedding (full fine-tuning).
-        momentum: m of the EMA teacher (1 keeps the teacher at the pretrained weights).
+        momentum: m of the EMA teacher (1 keeps the teacher at the pretrained weights). 0.99 is
+            Mean Teacher's ramp-up value: over a 20-step episode the teacher moves 18 % of the way
+            to the student; ``EMATeacher``'s own default, 0.999 (MoCo's, for 10^4+ steps), would
+            move it 2 %. MCFT's value is not given in what we could read of the paper.
         consistency_weight: lambda; 0 switches the teacher off.
         prune_blocks: L, top blocks removed before fine-tuning.
         pseudo_label_threshold: semi-supervised only: teacher confidence above which an
@@ -210,10 +213,14 @@ class PointCloudClassifier(AdaptedModule):
         mode = self.training
         self.eval()
         feats, labels = [], []
-        for batch in loader:
-            batch = batch["labelled"] if "labelled" in batch else batch
-            feats.append(self.backbone(batch["points"].to(self.device)))
-            labels.append(batch["label"].to(self.device))
+        # the run's precision (autocast under bf16-mixed, where frozen weights may be stored in bf16):
+        # Lightning applies it to the step methods only, not to this fit-start hook
+        precision = self._trainer.precision_plugin.forward_context() if self._trainer is not None else contextlib.nullcontext()
+        with precision:
+            for batch in loader:
+                batch = batch["labelled"] if "labelled" in batch else batch
+                feats.append(self.backbone(batch["points"].to(self.device)).float())
+                labels.append(batch["label"].to(self.device))
         self.train(mode)
         f, y = torch.cat(feats), torch.cat(labels)
         absent = sorted(set(range(self.num_classes)) - set(y.tolist()))
@@ -233,11 +240,10 @@ class PointCloudClassifier(AdaptedModule):
         return self.head(self.backbone(points))
 
     def augment(self, points: Tensor, g: torch.Generator) -> Tensor:
-        b = points.shape[0]
-        scale = torch.empty(b, 1, 3).uniform_(*SCALE, generator=g)
-        shift = torch.empty(b, 1, 3).uniform_(-SHIFT, SHIFT, generator=g)
+        """Point-MAE's fine-tuning augmentation (per-axis scale and shift) plus a small jitter."""
+        moved = scale_and_translate(points, g)
         jitter = (torch.randn(points.shape, generator=g) * JITTER[0]).clamp(-JITTER[1], JITTER[1])
-        return points * scale.to(points) + shift.to(points) + jitter.to(points)
+        return moved + jitter.to(points)
 
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         labelled, unlabelled = (batch["labelled"], batch["unlabelled"]) if "labelled" in batch else (batch, None)

@@ -1,10 +1,13 @@
 """Masked-autoencoder pretraining of the point encoder (Point-MAE) and the cached foundation model.
 
 Patches of a cloud are masked at random (60 %, Point-MAE's ratio); the encoder sees the visible
-patches, a light transformer decoder fills in mask tokens placed at the masked centres, and a
-linear layer predicts each masked patch's ``group_size`` points, scored by the Chamfer distance
-to the true patch. No pretrained point weights can be downloaded here, so this stage makes the
-"foundation model" that fine-tuning starts from.
+patches, a transformer decoder (Point-MAE's: 4 blocks, 6 heads) fills in mask tokens placed at
+the masked centres, and a linear layer predicts each masked patch's ``group_size`` points, scored
+by the Chamfer distance to the true patch. Training clouds are scaled and translated per axis
+first, as Point-MAE's pretraining does (``PointcloudScaleAndTranslate``), and the learning rate
+follows Point-MAE's warm-up + cosine schedule (``warmup_cosine``). No pretrained point
+weights can be downloaded here, so this stage makes the "foundation model" that fine-tuning
+starts from, on procedural classes that no few-shot episode uses (``pretrain.yaml``).
 
 ``domains/pointcloud.yaml`` declares this stage (``pretrain.yaml``) as its ``foundation``
 prerequisite: ``python -m suite fit --config domains/pointcloud.yaml`` runs it once per encoder
@@ -14,14 +17,27 @@ works on a fresh machine on its own.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from suite.backbones.point import PointEncoder, PointEncoderConfig, TransformerEncoder
 from suite.module import AdaptedModule
+
+#: Point-MAE's ``PointcloudScaleAndTranslate``: per-cloud, per-axis scale in [2/3, 3/2] and shift in [-0.2, 0.2]
+SCALE, SHIFT = (2.0 / 3.0, 3.0 / 2.0), 0.2
+
+
+def scale_and_translate(points: Tensor, generator: torch.Generator) -> Tensor:
+    """``points * s + t`` with ``s ~ U(SCALE)^3`` and ``t ~ U(-SHIFT, SHIFT)^3`` drawn per cloud of
+    ``(B, N, 3)`` from ``generator`` (on the CPU, so a seed gives the same draw on every device)."""
+    b = points.shape[0]
+    scale = torch.empty(b, 1, 3).uniform_(*SCALE, generator=generator)
+    shift = torch.empty(b, 1, 3).uniform_(-SHIFT, SHIFT, generator=generator)
+    return points * scale.to(points) + shift.to(points)
 
 
 def chamfer_distance(pred: Tensor, target: Tensor) -> Tensor:
@@ -33,6 +49,17 @@ def chamfer_distance(pred: Tensor, target: Tensor) -> Tensor:
     """
     d = (pred.unsqueeze(2) - target.unsqueeze(1)).pow(2).sum(-1)  # (B, P, Q)
     return d.amin(2).mean(1).mean() + d.amin(1).mean(1).mean()
+
+
+def warmup_cosine(step: int, total: int, warmup: float, peak: float, floor: float = 1e-6) -> float:
+    """Point-MAE's learning rate at ``step`` of ``total``: timm's ``CosineLRScheduler`` as Point-MAE
+    builds it (``t_initial = total``, ``warmup_t = warmup * total``, ``warmup_lr_init = lr_min = 1e-6``,
+    no warm-up prefix): linear from ``floor`` towards ``peak`` during the warm-up, then the cosine
+    ``floor + (peak - floor) (1 + cos(pi step / total)) / 2`` of the whole run, ``floor`` at the end."""
+    n_warm = int(round(warmup * total))
+    if step < n_warm:
+        return floor + (peak - floor) * step / n_warm
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(step, total) / total))
 
 
 def random_patch_mask(b: int, g: int, ratio: float, generator: torch.Generator | None = None, device: Any = None) -> Tensor:
@@ -50,21 +77,36 @@ class PointMAEPretrain(AdaptedModule):
     Args:
         encoder: encoder shape (shared with the fine-tuning module, which loads ``backbone.*``).
         mask_ratio: fraction of patches masked (Point-MAE: 0.6).
-        decoder_depth, decoder_heads: Point-MAE uses a 4-block, 6-head decoder at width 384.
+        decoder_depth, decoder_heads: Point-MAE's decoder has 4 blocks of 6 heads (at width 384;
+            here 6 heads of 16 channels at width 96).
+        augment: scale and translate every training cloud (Point-MAE's pretraining augmentation),
+            drawn from a generator seeded by ``aug_seed`` and the global step, so a resumed run
+            repeats an uninterrupted one.
+        lr_schedule: ``cosine``: Point-MAE's schedule (:func:`warmup_cosine`), a linear warm-up from
+            1e-6 over the first ``warmup`` fraction of the steps (Point-MAE: 10 of 300 epochs) and a
+            cosine decay to 1e-6, per step over the fit's steps; ``constant``: the optimizer's rate.
+            Ignored when a ``scheduler`` is given.
     """
 
     def __init__(
         self,
         encoder: PointEncoderConfig | None = None,
         mask_ratio: float = 0.6,
-        decoder_depth: int = 2,
-        decoder_heads: int = 4,
+        decoder_depth: int = 4,
+        decoder_heads: int = 6,
+        augment: bool = True,
+        aug_seed: int = 0,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        warmup: float = 10 / 300,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        self.lr_schedule, self.warmup = lr_schedule, warmup
         cfg = PointEncoderConfig.coerce(encoder)
         self.hparams["encoder"] = cfg.to_dict()  # plain dict: checkpoints load with weights_only
-        self.mask_ratio = mask_ratio
+        self.mask_ratio, self.augment, self.aug_seed = mask_ratio, augment, aug_seed
         c = cfg.trans_dim
         with self.seeded():
             self.backbone = PointEncoder(cfg)
@@ -94,6 +136,18 @@ class PointMAEPretrain(AdaptedModule):
         pred = self.increase_dim(x).reshape(b * n_mask, self.group_size, 3)
         return {"pred": pred, "target": patches[mask].reshape(b * n_mask, self.group_size, 3), "mask": mask}
 
+    def configure_optimizers(self) -> Any:
+        out = super().configure_optimizers()
+        if self.scheduler_factory is not None or self.lr_schedule == "constant":
+            return out
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        peak = [g["lr"] for g in out.param_groups]
+        schedule = [lambda step, p=p: warmup_cosine(step, total, self.warmup, p) / p for p in peak]
+        return {"optimizer": out, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(out, schedule), "interval": "step"}}
+
     def compute_losses(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = self.reconstruct(batch["points"])
+        points = batch["points"]
+        if self.training and self.augment:
+            points = scale_and_translate(points, torch.Generator().manual_seed(self.aug_seed * 1_000_003 + int(self.global_step)))
+        out = self.reconstruct(points)
         return {"loss": chamfer_distance(out["pred"], out["target"])}

@@ -315,7 +315,7 @@ def stage_ckpt(tmp_path_factory, data_dir):
     """A pretraining-stage checkpoint of the tiny encoder (2 optimiser steps)."""
     root = tmp_path_factory.getbasetemp() / "pc-pretrain"
     if not (root / "last.ckpt").exists():
-        pre = PointMAEPretrain(encoder=PointEncoderConfig.coerce(TINY))
+        pre = PointMAEPretrain(encoder=PointEncoderConfig.coerce(TINY), decoder_heads=4)  # 64 wide: 6 heads do not divide it
         trainer = tiny_trainer(root, max_steps=2, limit_val_batches=0)
         trainer.fit(pre, PointCloudData(purpose="pretrain", **TINY_DATA))
         trainer.save_checkpoint(root / "last.ckpt")

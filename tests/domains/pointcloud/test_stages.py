@@ -29,7 +29,7 @@ def _write(path: Path, cfg: dict) -> str:
 
 def _tiny_configs(tmp_path: Path) -> tuple[str, str]:
     """Overrides that shrink domains/pointcloud/pretrain.yaml and domains/pointcloud.yaml."""
-    pre = {"trainer": QUIET | {"limit_val_batches": 1}, "model": {"init_args": {"encoder": TINY}},
+    pre = {"trainer": QUIET | {"limit_val_batches": 1}, "model": {"init_args": {"encoder": TINY, "decoder_heads": 4}},
            "data": {"init_args": TINY_DATA}}
     ft = {"trainer": QUIET | {"max_epochs": 2}, "model": {"init_args": {"encoder": TINY}},
           "data": {"init_args": TINY_DATA}}
@@ -68,6 +68,7 @@ def _foundation(tmp_path: Path, pretrain_yaml: str | None = None) -> tuple[Prere
     if pretrain_yaml is None:
         spec = yaml.safe_load((ROOT / "domains/pointcloud/pretrain.yaml").read_text())
         spec["trainer"] |= QUIET | {"limit_val_batches": 0}
+        spec["model"]["init_args"]["decoder_heads"] = 4  # the tiny encoder is 64 wide: 6 heads do not divide it
         spec["data"]["init_args"] |= {k: v for k, v in TINY_DATA.items() if k != "num_points"}
         pretrain_yaml = _write(tmp_path / "pretrain.yaml", spec)
     prereq = Prerequisite(**(entry | {"configs": [pretrain_yaml]}))
