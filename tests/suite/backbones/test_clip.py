@@ -234,3 +234,14 @@ def test_clip_pretraining_as_a_cached_prerequisite(monkeypatch):
     monkeypatch.setattr(suite.cli, "main", no_second_fit)
     prereq = Prerequisite(**consumer["prerequisites"][0])
     assert run_prerequisite(prereq, {"model.init_args.clip_config": override}) == product
+
+
+def test_clip_pretrain_under_ddp_contrasts_the_global_batch(tmp_path):
+    """2 forked processes (gloo): ClipLoss gathers every rank's pairs and retrieval runs over all of
+    them, so validation gives what one process gives on the whole batch (both are order-free)."""
+    data = ShapePairsData(n_train=32, n_val=32, batch_size=16)
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    single = L.Trainer(devices=1, **kw).validate(ClipPretrain(), ShapePairsData(n_train=32, n_val=32, batch_size=32), verbose=False)[0]
+    ddp = L.Trainer(devices=2, strategy="ddp_fork", **kw).validate(ClipPretrain(), data, verbose=False)[0]
+    for key in ("val/loss", "val/retrieval_i2t_top1", "val/retrieval_t2i_top1", "val/retrieval_chance"):
+        assert ddp[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
