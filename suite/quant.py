@@ -26,15 +26,18 @@ layer adapts it unchanged. Two things LoRA does with a base weight are given a m
 - ``W + delta`` (LoRA's no-gradient shortcut for long inputs) dequantises ``W`` and returns a dense
   sum: exactly the weight the NF4 forward uses, plus the delta.
 - in-place ``W += delta`` or ``W.copy_(W + delta)`` (``merge``) is refused with a message: writing
-  a dense result into 4-bit codes would re-quantise it (a second, silent rounding). :func:`merge_quantized` instead replaces each NF4 base
-  by a dense Linear holding its dequantised weight and merges there; the merged model computes
-  what the unmerged NF4 model computes, to float round-off (measured in the tests: <= 1e-5).
+  a dense result into 4-bit codes would re-quantise it (a second, silent rounding).
+  :func:`merge_quantized` instead replaces each NF4 base by a dense Linear holding its dequantised
+  weight and merges there; the merged model computes what the unmerged NF4 model computes, to
+  float round-off (measured in the tests: <= 1e-5).
 
 Fixed here: ``torchao``'s own ``clone`` of an NF4 tensor (used by ``copy.deepcopy``) re-quantises
 the dequantised values with default block sizes (lossy, and an error for weights with fewer than
-256 blocks); the clone registered here copies the 4-bit codes and scales exactly. If the NF4 path does not run here (``torchao`` missing or an op
-failing), :func:`quantize_nf4` says why and leaves the weights dense (``fallback="dense"``).
-bitsandbytes' CUDA NF4 is not used: torchao's tensor runs on CPU and GPU alike.
+256 blocks); the clone registered here copies the 4-bit codes and scales exactly. If the NF4 path
+does not run here (``torchao`` missing or an op failing), :func:`quantize_nf4` says why and leaves
+the weights dense (``fallback="dense"``). bitsandbytes' CUDA NF4 is not used: torchao's tensor
+runs on CPU and GPU alike. Casting a model's dtype (``model.to(torch.bfloat16)``) dequantises NF4
+weights (torchao's ``to``): cast before quantising, or skip parameters for which :func:`is_nf4`.
 """
 
 from __future__ import annotations
