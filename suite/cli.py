@@ -89,6 +89,8 @@ class SuiteCLI(LightningCLI):
         from suite.prerequisites import resolve
 
         resolve(config)
+        if config.get("ckpt_path"):
+            self._rebuild_what_was_trained(config)
         if config.trainer.precision is None:  # follow the hardware (suite.precision); an explicit value wins
             config.trainer.precision, reason = choose_precision(config.trainer.accelerator)
             config.run_record.precision_reason = f"{config.trainer.precision}: {reason}"
@@ -105,6 +107,23 @@ class SuiteCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=root, name="logs"),
             )
+
+    def _rebuild_what_was_trained(self, config: Namespace) -> None:
+        """Arguments whose meaning depends on the machine (``backbone: auto``) take the value they
+        had when the checkpoint was trained (AdaptedModule.record_resolved), saying so."""
+        import torch
+
+        ckpt = str(config.ckpt_path)
+        root = config.trainer.default_root_dir or os.getcwd()
+        path = os.path.join(config.checkpoint.dirpath or os.path.join(root, "checkpoints"), "last.ckpt") if ckpt == "last" else ckpt
+        if not os.path.isfile(path):
+            return  # Lightning reports a missing checkpoint itself
+        saved = torch.load(path, map_location="cpu", weights_only=True).get("suite", {}).get("resolved", {})
+        for name, r in saved.items():
+            key = f"model.init_args.{name}"
+            if config.get(key) == r["given"]:
+                config[key] = r["resolved"]
+                rank_zero_info(f"model.{name}: {r['given']!r} meant {r['resolved']!r} when {path} was trained; rebuilding that")
 
     def instantiate_classes(self) -> None:
         if self.stage_results is not None:  # the stages ran their own fits; the last one stands for this run

@@ -98,6 +98,9 @@ def rebuild_stage(path: str | Path, default_class: type | None = None) -> "Adapt
         raise CheckpointMismatchError(f"{path}: field 'hyper_parameters._class_path' missing: cannot tell which model wrote it")
     if not (isinstance(cls, type) and issubclass(cls, AdaptedModule)):
         raise CheckpointMismatchError(f"{path} was written by {class_path}, which is not a suite AdaptedModule")
+    for name, r in ((ckpt.get("suite") or {}).get("resolved") or {}).items():  # e.g. backbone: auto -> what it meant then
+        if hp.get(name) == r["given"]:
+            hp[name] = r["resolved"]
     known = set().union(*(inspect.signature(c.__init__).parameters for c in cls.__mro__ if issubclass(c, AdaptedModule)))
     earlier = cls(**{k: v for k, v in hp.items() if k in known - {"self", "kwargs"}})
     earlier.on_load_checkpoint(ckpt)  # every trainable key present, none unknown, frozen-base fingerprint matches
@@ -162,6 +165,7 @@ class AdaptedModule(L.LightningModule):
         self.aux_loss_weight = aux_loss_weight
         self.backbone_seed = backbone_seed
         self.report: AdapterReport | None = None
+        self.resolved: dict[str, dict[str, Any]] = {}
         self._fingerprint: str | None = None
         self._batch_idx = -1
         # checkpoints hold trainable state only; on_load_checkpoint checks the keys itself
@@ -187,6 +191,14 @@ class AdaptedModule(L.LightningModule):
         self._adapted = True
         object.__setattr__(self, "adapter_target", target)  # not a submodule: where adapters-folder init_from loads
         return self.report
+
+    def record_resolved(self, name: str, given: Any, resolved: Any) -> None:
+        """Note that argument ``name`` was given as ``given`` (e.g. ``backbone: auto``) and meant
+        ``resolved`` on this machine. Checkpoints keep it, and ``test`` / ``predict`` / ``validate``
+        / resume with ``--ckpt_path`` rebuild what was trained even where ``given`` would now
+        resolve to something else (say, after installing a pretrained LM)."""
+        if given != resolved:
+            self.resolved[name] = {"given": given, "resolved": resolved}
 
     # --- starting from an earlier stage -----------------------------------------------------
     def load_init_from(self) -> "AdaptedModule | None":
@@ -383,6 +395,7 @@ class AdaptedModule(L.LightningModule):
         checkpoint["suite"] = {
             "frozen_keys_dropped": len(frozen),
             "backbone_fingerprint": self.backbone_fingerprint(),
+            "resolved": dict(self.resolved),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

