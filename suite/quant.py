@@ -42,6 +42,7 @@ weights (torchao's ``to``): cast before quantising, or skip parameters for which
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -148,9 +149,9 @@ def linear_nf4(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _LinearNF4.apply(x, weight)
 
 
-
+@functools.cache  # once per process
 def _register_ops() -> None:
-    """Teach ``NF4Tensor`` the two ops LoRA applies to a base weight (see the module docstring)."""
+    """Teach ``NF4Tensor`` what LoRA does with a base weight, and fix its clone (see the module docstring)."""
     mod = _torchao()
     aten = torch.ops.aten
     table = mod.NF4_OPS_TABLE
@@ -185,9 +186,7 @@ def _register_ops() -> None:
     # torchao's copy_ quantises a dense source; a merge that writes W + dW back (in bf16: copy_) would
     # silently round twice. NF4 -> NF4 copies (load_state_dict of a 4-bit state) stay torchao's.
     torchao_copy = table[aten.copy_.default]
-    if not getattr(torchao_copy, "suite_checked", False):
-        copy_nf4_only.suite_checked = True
-        table[aten.copy_.default] = copy_nf4_only
+    table[aten.copy_.default] = copy_nf4_only
     for op in (aten.add.Tensor, aten.sub.Tensor):
         table.setdefault(op, out_of_place)  # a later torchao that implements them keeps its own
     for op in (aten.add_.Tensor, aten.sub_.Tensor, aten.mul_.Tensor, aten.div_.Tensor):
