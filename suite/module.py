@@ -246,9 +246,13 @@ class AdaptedModule(L.LightningModule):
         """
         self.load_matching_state(earlier.state_dict(), f"init_from {self.init_from}")
 
-    def load_matching_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Load ``state`` whose keys may differ from ours by adapter wrapping; see :meth:`extend_from`."""
-        own = self.state_dict()
+    def load_matching_state(self, state: dict[str, torch.Tensor], source: str, only: str | None = None) -> None:
+        """Load ``state`` whose keys may differ from ours by adapter wrapping; see :meth:`extend_from`.
+
+        ``only``: a key prefix (``"backbone."``): load that part of the model alone, e.g. the
+        backbone of a pretraining run whose heads belong to another task.
+        """
+        own = {k: v for k, v in self.state_dict().items() if only is None or k.startswith(only)}
         by_unwrapped = {_unwrapped(k): k for k in own}
         new_adapter = {f"{n}.{k}" for n, layer in adapter_layers(self) for k in layer.adapter_state_dict()}
         mapped: dict[str, torch.Tensor] = {}

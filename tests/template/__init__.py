@@ -1,0 +1,2 @@
+"""A minimal domain that follows docs/extending.md; the test suite runs it through fit, test,
+predict and its stages."""
