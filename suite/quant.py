@@ -126,7 +126,10 @@ def dequantize_nf4(t: torch.Tensor) -> torch.Tensor:
         return dequantize_nf4(t.t()).t()
     pairs = torch.stack([t.nf4.repeat_interleave(16), t.nf4.repeat(16)], 1)  # byte -> (high code, low code)
     values = pairs.index_select(0, t.quantized_data.int())
-    scales = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
+    # torchao's dequantize_scalers, in the dtype the tensor was built in (its level table's), not the
+    # outer dtype: `param.data = param.data.to(bf16)` relabels an NF4 parameter without converting it
+    q = t.quantized_scalers.view(-1, t.scaler_block_size)
+    scales = (q / t.quantization_factor.unsqueeze(-1)).flatten().to(t.nf4.dtype) + t.scaler_mean
     return (values.view(-1, t.block_size) * scales.unsqueeze(-1)).view(t.shape)
 
 

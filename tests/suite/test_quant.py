@@ -184,36 +184,59 @@ def test_qlora_trains_saves_exports_and_merges(tmp_path):
         torch.testing.assert_close(model(long).logits, y_long, rtol=1e-5, atol=1e-5)
 
 
-def test_qlora_through_the_lightning_lifecycle(tmp_path):
-    """fit, an adapter-only checkpoint (the 4-bit base is rebuilt, not saved), and reload."""
+class _QLoRALM:  # built lazily: importing suite.module pulls in Lightning
+    @staticmethod
+    def cls():
+        from suite.module import AdaptedModule
+
+        class QLoRALM(AdaptedModule):
+            def __init__(self, quantize: str | None = "nf4", **kw):
+                super().__init__(**kw)
+                with self.seeded():
+                    self.backbone = build_causal_lm("tiny", quantize=quantize)
+                self.adapt()
+                self.load_init_from()
+
+            def compute_losses(self, batch):
+                return {"loss": self.backbone(input_ids=batch, labels=batch).loss}
+
+        return QLoRALM
+
+
+def _fit(tmp_path, precision: str):
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from suite.module import AdaptedModule
-
-    class QLoRALM(AdaptedModule):
-        def __init__(self, quantize: str | None = "nf4", **kw):
-            super().__init__(**kw)
-            with self.seeded():
-                self.backbone = build_causal_lm("tiny", quantize=quantize)
-            self.adapt()
-            self.load_init_from()
-
-        def compute_losses(self, batch):
-            return {"loss": self.backbone(input_ids=batch, labels=batch).loss}
-
+    cls = _QLoRALM.cls()
     ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
-    model = QLoRALM(adapter=LoRA(r=4, targets=["q_proj", "v_proj"]))
-    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    model = cls(adapter=LoRA(r=4, targets=["q_proj", "v_proj"]))
+    w = model.backbone.model.layers[0].mlp.up_proj.weight
+    before = nf4_state_bytes(w), dequantize_nf4(w).clone()
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, precision=precision, limit_val_batches=0)
     trainer.fit(model, DataLoader(ids, batch_size=4))
+    return cls, model, trainer, ids, before
+
+
+def test_qlora_through_the_lightning_lifecycle(tmp_path):
+    """fit, an adapter-only checkpoint (the 4-bit base is rebuilt, not saved), and reload."""
+    cls, model, trainer, ids, _ = _fit(tmp_path, "32-true")
     trainer.save_checkpoint(tmp_path / "last.ckpt")
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all(".lora." in k for k in state)  # adapters only: no NF4 tensor is pickled
-    again = QLoRALM.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    again = cls.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     with torch.no_grad():
         torch.testing.assert_close(again.backbone(ids).logits, model.backbone(ids).logits, rtol=0, atol=0)
     a, b = model.backbone.model.layers[0].mlp.up_proj.weight, again.backbone.model.layers[0].mlp.up_proj.weight
     assert nf4_state_bytes(a) == nf4_state_bytes(b) != nf4_state_bytes(to_nf4(torch.randn(128, 64)))
+
+
+def test_bf16_training_leaves_the_4bit_base_as_it_was(tmp_path):
+    """bf16-mixed (the CLI's choice on a CPU with bf16 units) stores frozen weights in bf16; an NF4
+    parameter is then relabelled, not converted, and computes exactly what it did."""
+    _, model, _, _, (codes, values) = _fit(tmp_path, "bf16-mixed")
+    w = model.backbone.model.layers[0].mlp.up_proj.weight
+    assert is_nf4(w) and nf4_state_bytes(w) == codes and torch.equal(dequantize_nf4(w), values)
 
 
 def test_unavailable_nf4_falls_back_to_dense(monkeypatch, caplog):
