@@ -381,10 +381,16 @@ class AdaptedModule(L.LightningModule):
         if self._fingerprint is None:
             if any(layer.merged for _, layer in adapter_layers(self)):
                 return None  # merged weights are not the base weights
+            from suite.quant import is_nf4, nf4_state_bytes
+
             frozen = self._frozen_parameter_names()
             h = hashlib.sha256()
             for name, p in sorted(self.named_parameters(remove_duplicate=False)):
                 if name not in frozen:
+                    continue
+                if is_nf4(p):  # a 4-bit base (QLoRA): its codes and scales identify it
+                    h.update(name.encode())
+                    h.update(nf4_state_bytes(p))
                     continue
                 if type(p.data) is not torch.Tensor:  # sharded DTensor: no cheap global view
                     return None
@@ -456,14 +462,20 @@ class AdaptedModule(L.LightningModule):
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from suite.precision import is_bf16
 
         dp_mesh = mesh["data_parallel"]
-        for unit in self.fsdp_units():
-            fully_shard(unit, mesh=dp_mesh)
-        for child in self.children():
-            if any(True for _ in child.parameters()):
-                fully_shard(child, mesh=dp_mesh)
+        # bf16 training: gather parameters in bf16 for compute, reduce gradients in fp32 (the
+        # optimiser's master weights and state stay fp32, as under DDP + autocast)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if is_bf16(self.trainer.precision) else None
+        sharded: set[int] = set()
+        for unit in [*self.fsdp_units(), *self.children()]:  # a module reached twice (an adapter layer that is also a child) once
+            if id(unit) in sharded or not any(True for _ in unit.parameters()):
+                continue
+            fully_shard(unit, mesh=dp_mesh, **({"mp_policy": mp} if mp is not None else {}))
+            sharded.add(id(unit))
 
 
 def _batch_size(batch: Any) -> int | None:

@@ -56,12 +56,14 @@ def is_bf16(precision: Any) -> bool:
 def frozen_weights(module: nn.Module, names: set[str] | None = None) -> list[tuple[str, nn.Parameter]]:
     """Frozen weights and biases of Linear / Conv / Embedding / attention layers, by name (within ``names``, the
     frozen base parameters a module reports, so frozen adapter parts stay as they are)."""
+    from suite.quant import is_nf4  # 4-bit weights are already smaller than bf16: leave them
+
     out = []
     for name, mod in module.named_modules():
         if isinstance(mod, _CAST_TYPES):
             for pname, p in mod.named_parameters(recurse=False):
                 full = f"{name}.{pname}" if name else pname
-                if not p.requires_grad and p.is_floating_point() and (names is None or full in names):
+                if not p.requires_grad and p.is_floating_point() and not is_nf4(p) and (names is None or full in names):
                     out.append((full, p))
     return out
 
