@@ -1,4 +1,5 @@
-"""Execute a notebook in a fresh kernel (the way a reader would) and fail on any cell error."""
+"""Execute a notebook in a fresh kernel (the way a reader would) and fail on any cell error; check
+that the committed notebook is not stale against the code (notebooks/refresh.py regenerates it)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,24 @@ def cell_outputs(nb: nbformat.NotebookNode) -> str:
         for o in cell.get("outputs", []):
             out.append(o.get("text", "") or str(o.get("data", {}).get("text/plain", "")))
     return "\n".join(out)
+
+
+def figure_count(nb: nbformat.NotebookNode) -> int:
+    """Images among a notebook's outputs."""
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def committed(name: str) -> nbformat.NotebookNode:
+    return nbformat.read(ROOT / "notebooks" / name, as_version=4)
+
+
+def assert_fresh(name: str, executed: nbformat.NotebookNode) -> None:
+    """The committed ``notebooks/<name>`` shows its figures, holds no error, and has as many figures
+    as executing it now gives (a changed count means its outputs are stale: run notebooks/refresh.py)."""
+    nb = committed(name)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"notebooks/{name} is committed with an error output: {errors[0].get('ename')}"
+    assert nb.metadata.get("suite", {}).get("commands"), f"notebooks/{name} has no metadata.suite (see notebooks/refresh.py)"
+    saved, now = figure_count(nb), figure_count(executed)
+    assert saved > 0, f"notebooks/{name} is committed without its figures: run python notebooks/refresh.py {Path(name).stem}"
+    assert saved == now, f"notebooks/{name} has {saved} committed figures but draws {now} now: run python notebooks/refresh.py {Path(name).stem}"
