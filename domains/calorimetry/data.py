@@ -95,8 +95,9 @@ class CaloShowerData(SuiteDataModule):
         classes: classes to train on (this stage's new classes).
         eval_classes: classes validated and tested (default: ``classes``); later stages list the
             old ones too, to show they are not forgotten.
-        files: real data: ``{class: path.hdf5}`` in CaloChallenge's dense layout or FM4CAL's
-            sparse groups (detected per file); classes not listed are generated.
+        files: real data: ``{class: path.hdf5}`` (or a list of paths, read in order) in
+            CaloChallenge's dense layout or FM4CAL's sparse groups (detected per file); classes
+            not listed are generated.
         grid, layer_mm, cell_mm: the geometry (must match the model's ``grid``).
         binning_xml, binning_particle: a CaloChallenge ``binning_dataset_*.xml`` to take the
             geometry from (cylindrical, angle origin -pi as its XMLHandler) and the name of the
@@ -119,7 +120,7 @@ class CaloShowerData(SuiteDataModule):
         self,
         classes: list[str] = ["W_photon", "Ta_photon"],  # noqa: B006 - jsonargparse needs a literal default
         eval_classes: list[str] | None = None,
-        files: dict[str, str] | None = None,
+        files: dict[str, str | list[str]] | None = None,
         grid: list[int] = [10, 8, 8],  # noqa: B006
         layer_mm: float = 8.0,
         cell_mm: float = 5.0,
@@ -161,23 +162,32 @@ class CaloShowerData(SuiteDataModule):
         self.data_hashes: dict[str, str] = {}
         self.cut_report: dict[str, dict[str, float]] = {}
 
-    def class_file(self, cls: str) -> Path:
+    def class_files(self, cls: str) -> list[Path]:
         if cls in self.files:
-            return Path(self.files[cls])
+            given = self.files[cls]
+            return [Path(p) for p in ([given] if isinstance(given, (str, Path)) else given)]
         from .synth import generated_file  # synth.py builds on this module's Geometry and writer
 
-        return generated_file(cls, self.n_per_class, self.geometry, self.energy_range_gev, self.sampling_term, self.seed)
+        return [generated_file(cls, self.n_per_class, self.geometry, self.energy_range_gev, self.sampling_term, self.seed)]
+
+    def class_file(self, cls: str) -> Path:
+        """The (first) file of a class."""
+        return self.class_files(cls)[0]
 
     def load_class(self, cls: str) -> ShowerFile:
-        """The class's showers; a file of FM4CAL's layout must hold only that class's material."""
-        path = self.class_file(cls)
-        self.data_hashes[cls] = file_hash(path)
-        showers = read_showers(path, self.geometry.grid, self.energy_unit)
-        labels = {m for m in showers.materials if m is not None}
-        wrong = sorted(m for m in labels if reference_class_name(m) != cls) if labels else []
-        if wrong:
-            raise CaloFormatError(path, "material", f"only events of class {cls}", f"materials {sorted(labels)}")
-        return showers
+        """The class's showers, its files concatenated; FM4CAL files must hold only that class's material."""
+        parts = []
+        for path in self.class_files(cls):
+            showers = read_showers(path, self.geometry.grid, self.energy_unit)
+            labels = {m for m in showers.materials if m is not None}
+            if any(reference_class_name(m) != cls for m in labels):
+                raise CaloFormatError(path, "material", f"only events of class {cls}", f"materials {sorted(labels)}")
+            parts.append(showers)
+        self.data_hashes[cls] = "+".join(file_hash(p.path) for p in parts)
+        if len(parts) == 1:
+            return parts[0]
+        return ShowerFile(parts[0].path, np.concatenate([p.incident_mev for p in parts]), [v for p in parts for v in p.voxels],
+                          [e for p in parts for e in p.energies], parts[0].n_voxels, [m for p in parts for m in p.materials])
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -24,6 +24,8 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
+from suite.data import DataFormatError
+
 PARTICLES = ("photon", "electron", "pion")
 #: FM4CAL's particle names -> ours (``G4_W_gamma`` is ``W_photon``)
 REFERENCE_PARTICLES = {"gamma": "photon", "e-": "electron", "e+": "electron", "pi-": "pion", "pi+": "pion"}
@@ -32,13 +34,11 @@ REFERENCE_PARTICLES = {"gamma": "photon", "e-": "electron", "e+": "electron", "p
 _MIN_MEV = 50.0
 
 
-class CaloFormatError(ValueError):
-    """A shower or binning file that does not have the expected layout."""
+class CaloFormatError(DataFormatError):
+    """A shower or binning file that does not have the expected layout (the suite's reader error)."""
 
     def __init__(self, path: str | Path, field: str, expected: str, found: Any = None) -> None:
-        self.path, self.field = Path(path), field
-        msg = f"{path}: {field}: expected {expected}"
-        super().__init__(msg if found is None else f"{msg}; found {found}")
+        super().__init__(path, field, f"expected {expected}" + ("" if found is None else f"; found {found}"))
 
 
 class CaloUnitWarning(UserWarning):
@@ -233,7 +233,7 @@ def read_sparse_showers(path: str | Path, grid: tuple[int, int, int], incident_u
                 raw = np.ravel(attrs["shape"])
                 shape = tuple(int(s) for s in raw) if raw.dtype.kind in "iu" else raw.tolist()
                 if shape != grid:
-                    raise CaloFormatError(path, f"{key}.attrs['shape']", f"the geometry's grid {grid}", shape)
+                    raise CaloFormatError(path, f"{key}.attrs.shape", f"the geometry's grid {grid}", shape)
             if len(idx) and ((idx < 0) | (idx >= np.array(grid))).any():
                 raise CaloFormatError(path, f"{key}/indices", f"cells inside the grid {grid}", f"range {idx.min(0).tolist()}..{idx.max(0).tolist()}")
             _finite(path, f"{key}/values", val, positive=False)
@@ -241,8 +241,8 @@ def read_sparse_showers(path: str | Path, grid: tuple[int, int, int], incident_u
                 raise CaloFormatError(path, f"{key}.attrs", "an 'initial_energy' attribute (GeV)", f"attributes {sorted(attrs)}")
             e0 = np.ravel(attrs["initial_energy"])
             if e0.size != 1 or e0.dtype.kind not in "fiu":
-                raise CaloFormatError(path, f"{key}.attrs['initial_energy']", "one real number (GeV)", repr(e0)[:60])
-            _finite(path, f"{key}.attrs['initial_energy']", e0.astype(np.float64), positive=True)
+                raise CaloFormatError(path, f"{key}.attrs.initial_energy", "one real number (GeV)", repr(e0)[:60])
+            _finite(path, f"{key}.attrs.initial_energy", e0.astype(np.float64), positive=True)
             flat = np.ravel_multi_index(idx.T.astype(np.int64), grid) if len(idx) else np.zeros(0, np.int64)
             if len(np.unique(flat)) != len(flat):
                 raise CaloFormatError(path, f"{key}/indices", "each cell listed once", f"{len(flat) - len(np.unique(flat))} repeated cells")

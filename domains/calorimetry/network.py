@@ -99,7 +99,10 @@ class Attention(nn.Module):
             if start:
                 k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
             cache["k"], cache["v"] = k, v
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and t > 1)
+        # attention itself in fp32 (autocast would cast it back to bf16): the CPU's bf16
+        # flash-attention backward runs ~4x slower than fp32 (0.74 s vs 0.18 s at 32 x 4 x 129 x 32)
+        with torch.autocast(q.device.type, enabled=False):
+            a = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=start == 0 and t > 1).to(q.dtype)
         return self._proj("out", a.transpose(1, 2).reshape(b, t, w), gates)
 
 

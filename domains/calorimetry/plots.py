@@ -15,22 +15,30 @@ from .metrics import OBSERVABLES, histograms, shower_observables  # noqa: E402
 
 
 def layer_images(reference: np.ndarray, generated: np.ndarray, geometry: Geometry, path: str | Path, title: str = "") -> Path:
-    """Mean energy per voxel, one panel per layer: reference (top row) and generated (bottom row)."""
-    nz, na, nb = geometry.grid
-    ref = np.asarray(reference).reshape(-1, nz, na, nb).mean(0)
-    gen = np.asarray(generated).reshape(-1, nz, na, nb).mean(0)
+    """Mean energy per voxel, one panel per layer: reference (top row) and generated (bottom row).
+
+    A panel is the layer's (a, b) cells: (y, x) for a cartesian geometry, (angle, radius) for a
+    polar one, each layer at its own size (CaloChallenge dataset 1 bins its layers differently).
+    """
+    cells = geometry.voxel_cells()
+    ref, gen = np.asarray(reference).mean(0), np.asarray(generated).mean(0)
+    nz = geometry.n_layers
     vmax = max(ref.max(), gen.max(), 1e-9)
-    fig, axes = plt.subplots(2, nz, figsize=(1.6 * nz, 3.6), squeeze=False)
-    for row, (name, img) in enumerate((("reference", ref), ("generated", gen))):
+    fig, axes = plt.subplots(2, nz, figsize=(min(1.6 * nz, 24.0), 3.6), squeeze=False)
+    for row, (name, mean) in enumerate((("reference", ref), ("generated", gen))):
         for z in range(nz):
+            sel = cells[:, 0] == z
+            img = np.zeros((cells[sel, 1].max() + 1, cells[sel, 2].max() + 1))
+            img[cells[sel, 1], cells[sel, 2]] = mean[sel]
             ax = axes[row, z]
-            ax.imshow(img[z], vmin=0, vmax=vmax, cmap="viridis", origin="lower")
+            ax.imshow(img, vmin=0, vmax=vmax, cmap="viridis", origin="lower", aspect="auto")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
                 ax.set_title(f"layer {z}", fontsize=8)
         axes[row, 0].set_ylabel(name, fontsize=8)
-    fig.suptitle(f"{title} mean energy per voxel [MeV] (colour scale shared)", fontsize=9)
+    axes_note = "(y, x)" if geometry.kind == "cartesian" else "(angle, radius)"
+    fig.suptitle(f"{title} mean energy per voxel {axes_note} [MeV] (colour scale shared)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

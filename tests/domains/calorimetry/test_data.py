@@ -29,6 +29,7 @@ from domains.calorimetry.data import (
     write_sparse_showers,
 )
 from domains.calorimetry.synth import MATERIALS, simulate_showers
+from suite.data import DataFormatError
 from domains.calorimetry.metrics import binned_kl, compare, lateral_profile, longitudinal_profile, separation_power, shower_observables
 from domains.calorimetry.tokens import ShowerTokenizer
 
@@ -56,10 +57,10 @@ def test_reader_reads_the_calochallenge_layout(tmp_path) -> None:
 @pytest.mark.parametrize(
     "incident, showers, message",
     [
-        (np.ones(3), np.ones((3, 288)), "incident_energies: expected shape \\(N, 1\\); found shape \\(3,\\)"),
-        (np.ones((3, 1)), np.ones((3, 100)), "showers: expected shape \\(3, 288\\) for this geometry; found shape \\(3, 100\\)"),
-        (np.ones((3, 1)), -np.ones((3, 288)), "showers: expected finite values >= 0 MeV; found 864 bad values"),
-        (np.zeros((3, 1)), np.ones((3, 288)), "incident_energies: expected finite values > 0 MeV"),
+        (np.ones(3), np.ones((3, 288)), "field 'incident_energies': expected shape \\(N, 1\\); found shape \\(3,\\)"),
+        (np.ones((3, 1)), np.ones((3, 100)), "field 'showers': expected shape \\(3, 288\\) for this geometry; found shape \\(3, 100\\)"),
+        (np.ones((3, 1)), -np.ones((3, 288)), "field 'showers': expected finite values >= 0 MeV; found 864 bad values"),
+        (np.zeros((3, 1)), np.ones((3, 288)), "field 'incident_energies': expected finite values > 0 MeV"),
     ],
 )
 def test_reader_rejects_wrong_layouts_naming_file_and_field(tmp_path, incident, showers, message) -> None:
@@ -67,13 +68,13 @@ def test_reader_rejects_wrong_layouts_naming_file_and_field(tmp_path, incident, 
     _write_raw(path, incident, showers)
     with pytest.raises(CaloFormatError, match=message) as err:
         read_calochallenge(path, 288)
-    assert "bad.hdf5" in str(err.value) and isinstance(err.value, ValueError)
+    assert "bad.hdf5" in str(err.value) and isinstance(err.value, DataFormatError) and isinstance(err.value, ValueError)
 
 
 def test_reader_names_a_missing_dataset(tmp_path) -> None:
     with h5py.File(tmp_path / "x.hdf5", "w") as f:
         f.create_dataset("showers", data=np.ones((2, 288)))
-    with pytest.raises(CaloFormatError, match="x.hdf5: incident_energies: expected datasets 'incident_energies'.*found keys \\['showers'\\]"):
+    with pytest.raises(CaloFormatError, match="x.hdf5: field 'incident_energies': expected datasets 'incident_energies'.*found keys \\['showers'\\]"):
         read_calochallenge(tmp_path / "x.hdf5", 288)
 
 
@@ -81,12 +82,12 @@ def test_reader_names_truncated_files_and_wrong_dtypes(tmp_path) -> None:
     path = tmp_path / "t.hdf5"
     write_calochallenge(path, np.full(4, 2e4), np.ones((4, 288)))
     path.write_bytes(path.read_bytes()[:900])
-    with pytest.raises(CaloFormatError, match="t.hdf5: file: expected a readable HDF5 object"):
+    with pytest.raises(CaloFormatError, match="t.hdf5: field 'file': expected a readable HDF5 object"):
         read_calochallenge(path, 288)
     with h5py.File(tmp_path / "s.hdf5", "w") as f:
         f.create_dataset("incident_energies", data=np.full((2, 1), 2e4))
         f.create_dataset("showers", data=np.full((2, 288), b"x"))
-    with pytest.raises(CaloFormatError, match="showers: expected an \\(N, 288\\) array of real numbers; found dtype \\|S1"):
+    with pytest.raises(CaloFormatError, match="s.hdf5: field 'showers': expected an \\(N, 288\\) array of real numbers; found dtype \\|S1"):
         read_calochallenge(tmp_path / "s.hdf5", 288)
 
 
@@ -150,10 +151,10 @@ def test_sparse_reader_names_the_event_and_field_of_bad_input(tmp_path) -> None:
     with h5py.File(tmp_path / "a.h5", "a") as f:
         del f["1/values"]
         f["1"].create_dataset("values", data=np.array([1.0, np.nan, 2.0]))
-    with pytest.raises(CaloFormatError, match="a.h5: 1/values: expected finite values >= 0 MeV"):
+    with pytest.raises(CaloFormatError, match="a.h5: field '1/values': expected finite values >= 0 MeV"):
         read_sparse_showers(tmp_path / "a.h5", (8, 6, 6))
     _write_fm4cal(tmp_path / "b.h5", [50.0], good[:1], grid=(8, 6, 6))
-    with pytest.raises(CaloFormatError, match="b.h5: 0.attrs\\['shape'\\]: expected the geometry's grid \\(4, 12, 6\\)"):
+    with pytest.raises(CaloFormatError, match="b.h5: field '0.attrs.shape': expected the geometry's grid \\(4, 12, 6\\)"):
         read_sparse_showers(tmp_path / "b.h5", (4, 12, 6))
     with pytest.warns(CaloUnitWarning, match="implausible in GeV"):
         _write_fm4cal(tmp_path / "c.h5", [5.0e4], good[:1])
@@ -167,8 +168,15 @@ def test_datamodule_reads_fm4cal_files_and_refuses_another_material(tmp_path) ->
     dm = CaloShowerData(classes=["W_photon"], files={"W_photon": str(tmp_path / "w.h5")}, grid=[8, 6, 6], threshold_mev=50.0, max_hits=128)
     dm.setup()
     assert sum(len(dm.splits[s]) for s in ("train", "val", "test")) == 20
+    # FM4CAL keeps a class in many files: a list is read in order (here beside a CaloChallenge file)
+    _write_raw(tmp_path / "w.hdf5", np.full((10, 1), 5.0e4, np.float32), showers[:10])
+    dm = CaloShowerData(classes=["W_photon"], files={"W_photon": [str(tmp_path / "w.h5"), str(tmp_path / "w.hdf5")]},
+                        grid=[8, 6, 6], threshold_mev=50.0, max_hits=128)
+    loaded = dm.load_class("W_photon")
+    assert len(loaded) == 30 and np.array_equal(loaded.dense(), np.concatenate([showers, showers[:10]]))
+    assert "+" in dm.data_hashes["W_photon"]
     dm = CaloShowerData(classes=["Ta_photon"], files={"Ta_photon": str(tmp_path / "w.h5")}, grid=[8, 6, 6], threshold_mev=50.0)
-    with pytest.raises(CaloFormatError, match="w.h5: material: expected only events of class Ta_photon; found materials \\['G4_W_gamma'\\]"):
+    with pytest.raises(CaloFormatError, match="w.h5: field 'material': expected only events of class Ta_photon; found materials \\['G4_W_gamma'\\]"):
         dm.setup()
 
 
@@ -237,14 +245,14 @@ def test_binning_xml_picks_its_bin_and_names_bad_files(tmp_path) -> None:
     path.write_text('<Bins><Bin name="photon"><Layer id="0" r_edges="0,5,10" n_bin_alpha="1"/></Bin>'
                     '<Bin name="pion"><Layer id="0" r_edges="0,5" n_bin_alpha="2"/></Bin></Bins>')
     assert read_binning_xml(path, "photon").grid == (1, 1, 2) and read_binning_xml(path, "pion").n_voxels == 2
-    with pytest.raises(CaloFormatError, match="two.xml: Bin: expected exactly one <Bin>.*found Bin names \\['photon', 'pion'\\]"):
+    with pytest.raises(CaloFormatError, match="two.xml: field 'Bin': expected exactly one <Bin>.*found Bin names \\['photon', 'pion'\\]"):
         read_binning_xml(path)
     bad = tmp_path / "bad.xml"
     bad.write_text('<Bins><Bin name="photon"><Layer id="0" r_edges="0,5,x" n_bin_alpha="1"/></Bin></Bins>')
-    with pytest.raises(CaloFormatError, match="bad.xml: Layer 0: expected r_edges"):
+    with pytest.raises(CaloFormatError, match="bad.xml: field 'Layer 0': expected r_edges"):
         read_binning_xml(bad)
     bad.write_text("<Bins><Bin")
-    with pytest.raises(CaloFormatError, match="bad.xml: XML: expected <Bins>"):
+    with pytest.raises(CaloFormatError, match="bad.xml: field 'XML': expected <Bins>"):
         read_binning_xml(bad)
 
 
