@@ -4,7 +4,8 @@ Lightning's ``strategy="fsdp"`` is FSDP1 and refuses a CPU accelerator. FSDP2 (`
 comes through Lightning's ``ModelParallelStrategy``; :class:`suite.module.AdaptedModule`
 implements ``configure_model`` so every adapter layer becomes its own unit (see
 ``AdaptedModule.fsdp_units``). This subclass only adds the choice of process launcher, so the
-strategy also runs inside a notebook or pytest (``start_method="fork"``).
+strategy also runs inside a notebook or pytest (``start_method="fork"``), and makes the sharded
+checkpoint folder appear atomically (:meth:`FSDP2Strategy.save_checkpoint`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         start_method: ``"popen"`` re-runs the script per rank (the usual launcher, also under
             torchrun / SLURM); ``"fork"`` forks the current process (pytest, notebooks, CPU).
         save_distributed_checkpoint: write a sharded checkpoint folder (fast, any world size
-            can reload it) instead of gathering one file on rank 0.
+            can reload it) instead of gathering one file on rank 0 (written by the CheckpointIO
+            plugin, atomically under ``python -m suite``).
     """
 
     def __init__(
@@ -66,6 +68,39 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Write the sharded folder next to its place, then swap it in, so a kill never leaves a mix.
+
+        Lightning writes the shards (torch.distributed.checkpoint, every rank) into the existing
+        folder, so a kill mid-write leaves old and new shards side by side. Here every rank writes
+        into a fresh temporary folder in the same parent, a barrier waits for all of them, and
+        rank 0 fsyncs the files and puts the folder in place (:func:`suite.checkpoint.replace_folder`:
+        an atomic exchange on Linux; elsewhere two renames, between which a kill leaves both
+        complete folders under temporary names). Needs the checkpoint folder on a filesystem every
+        rank shares, as torch.distributed.checkpoint itself does.
+        """
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from suite.checkpoint import partial_path, remove_stale_partials, replace_folder
+
+        path = Path(self.broadcast(str(filepath)))
+        name = None
+        if self.global_rank == 0:
+            remove_stale_partials(path)  # left by a run killed while writing this checkpoint
+            name = str(partial_path(path))
+        tmp = Path(self.broadcast(name))  # one temporary folder for all ranks, named by rank 0
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("sharded checkpoint written")
+        failed = None
+        if self.global_rank == 0:
+            try:
+                replace_folder(tmp, path)
+            except Exception as err:  # raised after the barrier, so the other ranks are not left waiting
+                failed = err
+        self.barrier("sharded checkpoint in place")
+        if failed is not None:
+            raise failed
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a sharded checkpoint that holds trainable state only.
