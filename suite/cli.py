@@ -6,8 +6,13 @@
 
 Beyond Lightning's defaults, every run gets a checkpoint callback that keeps ``last.ckpt`` in
 ``<default_root_dir>/checkpoints`` (so ``--ckpt_path last`` finds it across runs), a CSV logger in
-``<default_root_dir>/logs/version_N`` and a :class:`~suite.callbacks.RunRecord` there. A config may
-also hold, at top level:
+``<default_root_dir>/logs/version_N`` and a :class:`~suite.callbacks.RunRecord` there. Checkpoint
+files are written atomically (:class:`~suite.checkpoint.AtomicCheckpointIO`, unless the config
+names another ``CheckpointIO`` plugin), so a kill leaves the previous ``last.ckpt`` loadable.
+``--ckpt_path best`` is the monitored best that ``last.ckpt`` records. With ``--ckpt_path`` the
+model is the one the config describes (not rebuilt from the checkpoint's hyperparameters), and a
+checkpoint that does not fit it is a usage error listing the keys. A config may also hold, at
+top level:
 
 * ``prerequisites``: fits that must have run before the model is built (cached; see
   :mod:`suite.prerequisites`);
@@ -20,6 +25,7 @@ Values that data and model share are set once, in the data section, and linked i
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Any, Optional
@@ -32,6 +38,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from suite.adapters import AdapterSpec
 from suite.callbacks import RunRecord
+from suite.checkpoint import AtomicCheckpointIO
+from suite.module import CheckpointMismatchError
 from suite.precision import choose_precision
 from suite.prerequisites import Prerequisite
 
@@ -67,6 +75,8 @@ class SuiteCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 1})
+        # shown by --print_config; kept (appended) when a config names other plugins but no CheckpointIO
+        parser.set_defaults({"trainer.plugins": [{"class_path": _ATOMIC_IO}]})
         parser.add_lightning_class_args(RunRecord, "run_record")
         parser.add_argument("--prerequisites", type=Optional[list[Prerequisite]], default=None,
                             help="fits to run (once, cached) before the model is built; see suite.prerequisites")
@@ -86,9 +96,12 @@ class SuiteCLI(LightningCLI):
 
             self.stage_results = run_config_stages(self.subcommand, self.argv, config)
             return
+        if str(config.get("ckpt_path")) == "best":  # before any work (prerequisites are fits)
+            self._resolve_best(config)
         from suite.prerequisites import resolve
 
         resolve(config)
+        _with_atomic_checkpoint_io(config.trainer)
         if config.get("ckpt_path"):
             self._rebuild_what_was_trained(config)
         if config.trainer.precision is None:  # follow the hardware (suite.precision); an explicit value wins
@@ -107,6 +120,48 @@ class SuiteCLI(LightningCLI):
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=root, name="logs"),
             )
+
+    def _parse_ckpt_path(self) -> None:
+        """Build the model the config describes, and check the checkpoint against it.
+
+        LightningCLI's own version replaces the config's model arguments by the checkpoint's
+        hyperparameters, which silently drops model arguments given on the command line and turns
+        a checkpoint of another domain into that domain's model, run on this config's data. Here
+        the checkpoint must fit the configured model; AdaptedModule.on_load_checkpoint lists the
+        keys that do not (a usage error, see :meth:`_run_subcommand`).
+        """
+
+    def _resolve_best(self, config: Namespace) -> None:
+        """``--ckpt_path best``: the best checkpoint for ``checkpoint.monitor``, as ``last.ckpt`` records it.
+
+        Lightning knows the best checkpoint only inside the process that fitted, so a later
+        ``test --ckpt_path best`` would always fail there; the fit's ModelCheckpoint state,
+        saved in ``last.ckpt``, names it. No monitor: a usage error naming the fix.
+        """
+        import torch
+
+        monitor = config.checkpoint.monitor
+        if monitor is None:
+            self.parser.error(
+                "--ckpt_path best needs a monitored metric to rank checkpoints, and checkpoint.monitor is not set: "
+                "fit with --checkpoint.monitor val/loss (--checkpoint.mode max for a score such as accuracy) and "
+                "pass the same --checkpoint.monitor here; or use --ckpt_path last or a checkpoint file"
+            )
+        root = config.trainer.default_root_dir or os.getcwd()
+        folder = config.checkpoint.dirpath or os.path.join(root, "checkpoints")
+        last = os.path.join(folder, "last.ckpt")
+        if not os.path.isfile(last):
+            self.parser.error(f"--ckpt_path best: {last} not found; fit first (with --checkpoint.monitor {monitor})")
+        states = torch.load(last, map_location="cpu", weights_only=True).get("callbacks", {})
+        best = next((s.get("best_model_path") for key, s in states.items()
+                     if key.startswith("ModelCheckpoint") and s.get("monitor") == monitor and s.get("best_model_path")), None)
+        if best and not os.path.exists(best):  # the run folder was moved: look next to last.ckpt
+            best = os.path.join(folder, os.path.basename(best))
+        if not best or not os.path.exists(best):
+            self.parser.error(f"--ckpt_path best: {last} records no best checkpoint for monitor {monitor!r}; "
+                              f"was it fitted with --checkpoint.monitor {monitor}? Use --ckpt_path last or a file")
+        rank_zero_info(f"--ckpt_path best: {best} (best {monitor} recorded in {last})")
+        config.ckpt_path = best
 
     def _rebuild_what_was_trained(self, config: Namespace) -> None:
         """Arguments whose meaning depends on the machine (``backbone: auto``) take the value they
@@ -139,7 +194,35 @@ class SuiteCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if self.stage_results is not None:
             return
-        super()._run_subcommand(subcommand)
+        try:
+            super()._run_subcommand(subcommand)
+        except CheckpointMismatchError as err:  # a checkpoint of another domain, backbone or config
+            ckpt = self.config[subcommand].get("ckpt_path")
+            self.parser.error(f"{subcommand} --ckpt_path {ckpt}: {err}", ex=err)
+
+
+_ATOMIC_IO = f"{AtomicCheckpointIO.__module__}.{AtomicCheckpointIO.__name__}"
+
+
+def _is_checkpoint_io(plugin: Any) -> bool:
+    from lightning.fabric.plugins import CheckpointIO
+
+    if isinstance(plugin, CheckpointIO):
+        return True
+    path = plugin.get("class_path") if isinstance(plugin, (Namespace, dict)) else None
+    if not isinstance(path, str) or "." not in path:
+        return False  # a precision or environment name
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    return isinstance(cls, type) and issubclass(cls, CheckpointIO)
+
+
+def _with_atomic_checkpoint_io(trainer: Namespace) -> None:
+    """Every run writes checkpoints through AtomicCheckpointIO unless its plugins name another CheckpointIO."""
+    plugins = trainer.plugins
+    given = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    if not any(_is_checkpoint_io(p) for p in given):
+        trainer.plugins = [*given, Namespace(class_path=_ATOMIC_IO, init_args=Namespace())]
 
 
 def main(args: Any = None, run: bool = True) -> SuiteCLI:
