@@ -1,7 +1,9 @@
 """FourierMoE: closed-form inverse DFT, exact realness, the spectral forward, routing and saving.
 
-Reference: the 2-D inverse DFT written out with explicit DFT matrices in complex128 (numpy),
-``dW = scale/(MN) * Omega_M F Omega_N^T``, from the full conjugate-symmetric spectrum ``F``.
+References: the 2-D inverse DFT written out with explicit DFT matrices in complex128 (numpy),
+``dW = scale/(MN) * Omega_M F Omega_N^T``, from the full conjugate-symmetric spectrum ``F``; and
+Switch routing written out in float64 numpy (softmax, top-k kept without renormalising, the
+balance loss ``E * sum_e f_e P_e``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,34 @@ def _full_spectrum(layer: FourierMoELinear, e: int) -> np.ndarray:
     return F
 
 
+def _closed_form_delta(layer: FourierMoELinear, e: int) -> np.ndarray:
+    """Expert e's dW by the explicit 2-D inverse DFT of its full spectrum (complex128)."""
+    M, N = layer.base_layer.weight.shape
+    F = _full_spectrum(layer, e)
+    om_M = np.exp(2j * np.pi * np.outer(np.arange(M), np.arange(M)) / M)
+    om_N = np.exp(2j * np.pi * np.outer(np.arange(N), np.arange(N)) / N)
+    return layer.spec.scale / (M * N) * om_M @ F @ om_N.T
+
+
+def _switch_gates(x: np.ndarray, router: np.ndarray, k: int) -> tuple[np.ndarray, float, np.ndarray]:
+    """Switch routing in float64: p = softmax(x R^T); the k largest p_e kept as gates (not
+    renormalised), 0 elsewhere; balance loss E * sum_e f_e P_e with f_e the share of the T*k
+    assignments and P_e the mean probability. Also the logits sorted per token (to check for ties)."""
+    logits = x @ router.T
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    T, E = p.shape
+    gates = np.zeros_like(p)
+    counts = np.zeros(E)
+    for t in range(T):
+        chosen = sorted(range(E), key=lambda e: -p[t, e])[:k]
+        for e in chosen:
+            gates[t, e] = p[t, e]
+            counts[e] += 1
+    balance = E * float(np.sum(counts / (T * k) * p.mean(0)))
+    return gates, balance, -np.sort(-logits, axis=-1)
+
+
 @pytest.mark.parametrize("M,N", [(24, 16), (25, 15), (12, 33)])
 def test_single_expert_is_the_closed_form_inverse_dft(M, N):
     layer = _layer(M, N, experts=1, top_k=1, rows=M // 2, cols=N // 2 + 1, scale=7.0)
@@ -45,9 +75,7 @@ def test_single_expert_is_the_closed_form_inverse_dft(M, N):
         layer.coefficients.normal_()
     F = _full_spectrum(layer, 0)
     np.testing.assert_allclose(F, np.conj(F[(-np.arange(M)) % M][:, (-np.arange(N)) % N]), atol=0)  # Hermitian
-    om_M = np.exp(2j * np.pi * np.outer(np.arange(M), np.arange(M)) / M)
-    om_N = np.exp(2j * np.pi * np.outer(np.arange(N), np.arange(N)) / N)
-    dW = 7.0 / (M * N) * om_M @ F @ om_N.T
+    dW = _closed_form_delta(layer, 0)
     assert np.abs(dW.imag).max() <= 1e-12 * np.abs(dW.real).max(), "conjugate symmetry makes dW exactly real"
     ours = layer.delta_weight().detach().double().numpy()
     np.testing.assert_allclose(ours, dW.real, rtol=0, atol=1e-5 * np.abs(dW.real).max())
@@ -87,6 +115,35 @@ def test_spectral_forward_equals_dense_experts(M, N, E, k, rows, cols, seed):
     y = layer(x)
     layer.impl = "dense"
     torch.testing.assert_close(y, layer(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_top_k_gates_and_forward_match_a_plain_softmax_top_k(k):
+    """Gates, balance loss and the routed forward against float64 numpy written here: the output
+    is W x + b + sum_e g_e(x) dW_e x with g from _switch_gates and dW_e from the explicit inverse
+    DFT. Tolerances: gates 1e-6 (fp32 softmax), output 1e-4 of its scale (fp32 FFTs)."""
+    layer = _layer(16, 24, experts=4, top_k=k, rows=2, cols=3, scale=20.0)
+    with torch.no_grad():
+        layer.coefficients.normal_()
+        layer.router.mul_(8.0)  # peaked routing, far from uniform
+    x = torch.randn(6, 9, 24, generator=torch.Generator().manual_seed(1))
+    xf = x.reshape(-1, 24)
+    gates, balance, logits = _switch_gates(xf.double().numpy(), layer.router.detach().double().numpy(), k)
+    if k < 4:  # no near-tie at the k-th place, where fp32 and fp64 could choose differently
+        assert (logits[:, k - 1] - logits[:, k]).min() > 1e-3
+
+    ours = layer.route(xf).detach().double().numpy()
+    np.testing.assert_allclose(ours, gates, rtol=0, atol=1e-6)
+    assert ((ours > 0).sum(-1) == k).all()
+    assert layer.aux_loss().item() == pytest.approx(balance, rel=1e-5)
+    assert k == 4 or (gates.sum(-1) < 1 - 1e-3).any(), "top-k gates are not renormalised to sum to 1"
+
+    deltas = np.stack([_closed_form_delta(layer, e).real for e in range(4)])  # (E, M, N)
+    base = layer.base_layer(x).detach().double().numpy().reshape(-1, 16)
+    expected = base + np.einsum("te,emn,tn->tm", gates, deltas, xf.double().numpy())
+    got = layer(x).detach().double().numpy().reshape(-1, 16)
+    assert np.abs(expected - base).max() > 0.1, "the experts must change the output for the check to mean anything"
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
 
 def test_balance_loss_switch_values():
