@@ -92,8 +92,12 @@ class SuiteCLI(LightningCLI):
         if self.parse_only:
             raise _Parsed(config.clone().as_dict())
         if config.get("stages") and self.subcommand is not None:
-            from suite.stages import run_config_stages
+            from suite.stages import plan_config_stages, run_config_stages
 
+            try:  # a stage list that cannot run is a usage error, before any fit
+                plan_config_stages(self.subcommand, self.argv, config)
+            except (ValueError, FileNotFoundError) as err:
+                self.parser.error(f"stages: {err}", ex=err)
             self.stage_results = run_config_stages(self.subcommand, self.argv, config)
             return
         if str(config.get("ckpt_path")) == "best":  # before any work (prerequisites are fits)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from suite.checkpoint import ResumableDataLoader
+
 class DataFormatError(ValueError):
     """A data file that does not hold what its format promises. Every reader raises this (or a
     subclass) instead of a library's traceback; the message names the file, the field and the
@@ -124,9 +126,11 @@ class EpochSeededSampler(Sampler[int]):
     """A shuffling sampler whose order is a function of ``(seed, epoch)`` only.
 
     Lightning calls ``set_epoch`` every epoch, so a run resumed from a checkpoint draws the same
-    batches as an uninterrupted one. Under DDP, Lightning wraps it in a
-    ``DistributedSamplerWrapper``, which forwards ``set_epoch`` and gives each rank its share of
-    this same order.
+    batches as an uninterrupted one (inside an epoch too, with
+    :class:`suite.checkpoint.ResumableDataLoader`, which :meth:`SuiteDataModule.loader` uses).
+    Under DDP, Lightning wraps every training sampler in a ``DistributedSamplerWrapper`` seeded by
+    the global seed, which reshuffles this order before giving each rank its share: runs stay
+    deterministic and resume exactly, but 2 ranks see another order than 1 process does.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
@@ -173,7 +177,9 @@ class SuiteDataModule(L.LightningDataModule):
     def loader(self, name: str, shuffle: bool = False, collate_fn: Callable | None = None, **kwargs: Any) -> DataLoader:
         ds = self._split(name)
         sampler = EpochSeededSampler(len(ds), self.seed, shuffle=True) if shuffle else None
-        return DataLoader(
+        # a shuffled (training) loader resumes inside an epoch at the batch it had reached
+        cls = ResumableDataLoader if shuffle else DataLoader
+        return cls(
             ds,
             batch_size=kwargs.pop("batch_size", self.batch_size),
             sampler=sampler,

@@ -59,6 +59,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint (or earlier stage) does not fit the model; the message lists the offending keys."""
 
 
+class BackboneMismatchError(CheckpointMismatchError, RuntimeError):
+    """The checkpoint's keys fit, but its adapters were trained on another frozen backbone."""
+
+
 def _mismatch(source: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> CheckpointMismatchError:
     lines = [f"{source} does not fit this model (was it written with another domain, backbone, adapter or model config?)"]
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
@@ -422,7 +426,7 @@ class AdaptedModule(L.LightningModule):
         saved = checkpoint.get("suite", {}).get("backbone_fingerprint")
         current = self.backbone_fingerprint()
         if saved and current and saved != current:
-            raise RuntimeError(
+            raise BackboneMismatchError(
                 f"the frozen backbone differs from the one these adapters were trained on "
                 f"(fingerprint {current} != {saved}). Use the same backbone checkpoint and backbone_seed."
             )

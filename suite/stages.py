@@ -174,23 +174,32 @@ def _strip(argv: list[str], subcommand: str) -> tuple[list[str], str | None]:
     return out, ckpt
 
 
-def run_config_stages(subcommand: str, argv: list[str], config: Any) -> dict[str, Any]:
-    """The ``stages`` of a parsed config: ``fit`` runs them all; another subcommand runs on the last stage."""
-    from suite.cli import main as cli_main
+def plan_config_stages(subcommand: str, argv: list[str], config: Any) -> tuple[list[dict[str, Any]], Path, list[str], str | None]:
+    """Check the ``stages`` of a parsed config before anything runs: ``(stages, root, base args, ckpt)``.
 
+    Raises ``ValueError`` / ``FileNotFoundError`` naming the problem (the CLI turns them into usage errors).
+    """
     stages = expand_stages(config.get("stages"), config)
     root = Path(config.trainer.default_root_dir or ".")
     base, ckpt = _strip(argv, subcommand)
     base += ["--stages", "null"]  # a stage is one plain fit of this config
+    if subcommand == "fit" and ckpt is not None:
+        raise ValueError("fit with stages resumes by itself (finished stages are skipped, an interrupted one resumes): drop --ckpt_path")
+    if subcommand != "fit" and ckpt in (None, "last"):
+        ckpt = str(stage_checkpoint(root, stages[-1]["name"]))
+        if not Path(ckpt).exists():
+            raise FileNotFoundError(f"{subcommand}: the last stage {stages[-1]['name']!r} has no checkpoint {ckpt}; run fit first")
+    return stages, root, base, ckpt
+
+
+def run_config_stages(subcommand: str, argv: list[str], config: Any) -> dict[str, Any]:
+    """The ``stages`` of a parsed config: ``fit`` runs them all; another subcommand runs on the last stage."""
+    from suite.cli import main as cli_main
+
+    stages, root, base, ckpt = plan_config_stages(subcommand, argv, config)
     if subcommand == "fit":
-        if ckpt is not None:
-            raise ValueError("fit with stages resumes by itself (finished stages are skipped, an interrupted one resumes): drop --ckpt_path")
         return _run(stages, root, base)
     last = stages[-1]
-    if ckpt in (None, "last"):
-        ckpt = str(stage_checkpoint(root, last["name"]))
-        if not Path(ckpt).exists():
-            raise FileNotFoundError(f"{subcommand}: the last stage {last['name']!r} has no checkpoint {ckpt}; run fit first")
     cli = cli_main([subcommand, *base, *_stage_args(last, root), "--ckpt_path", ckpt])
     return {"stages": {last["name"]: {"checkpoint": ckpt}}, "last_cli": cli}
 

@@ -204,3 +204,13 @@ def test_importing_the_adapter_layer_sets_no_jsonargparse_settings() -> None:
             "print(before, is_subclasses_disabled(a.AdapterSpec))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]
+
+
+def test_a_stage_list_that_cannot_run_is_a_usage_error(tmp_path: Path) -> None:
+    cfg = _toy(tmp_path, stages=[{"name": "a"}, {"name": "b", "init_from": "a"}])
+    with pytest.raises(SystemExit) as exit_:
+        _fit(cfg, tmp_path / "runs", "--ckpt_path", "last")
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / "none"), "--ckpt_path", "last"])
+    assert not (tmp_path / "runs").exists()
