@@ -301,9 +301,13 @@ def main() -> None:
     if args.from_json:
         wall, (load0, load1), n_test = saved["wall"], saved["load"], saved["n_test"]
     print(f"# Calorimetry lifecycle benchmark ({datetime.date.today().isoformat()})\n")
+    ran = {}
+    for r in rows:  # the seeds each setup actually ran (a run stopped early reports what it has)
+        ran.setdefault(f"{r['method'].removeprefix('lifecycle ')} {PRECISION[r['precision']]}", set()).add(r["seed"])
+    seeds_note = "; ".join(f"{k}: {sorted(v)}" for k, v in ran.items())
     print(f"Command: `python benchmarks/calorimetry.py --seeds {' '.join(map(str, args.seeds))} --pretrain-epochs {args.pretrain_epochs} "
           f"--stage-epochs {args.stage_epochs} --width {args.width} --depth {args.depth} --heads {args.heads}`; "
-          f"seeds {args.seeds} (fp32 and reference-recipe lifecycles: the first 2), mean ± std; "
+          f"seeds per setup: {seeds_note}; mean ± std; "
           f"test showers per class: {n_test}; "
           f"wall {wall / 60:.1f} min on {torch.get_num_threads()} intra-op thread (load average {load0:.1f} at start, "
           f"{load1:.1f} at the end, on 2 cores). Budget: ~45 min on 2 idle cores.\n")

@@ -78,7 +78,7 @@ class ShowerTokenizer:
         if bad.any():
             raise ValueError(
                 f"{int(bad.sum())} deposits outside the energy range [{lo:g}, {hi:g}) MeV "
-                f"(e.g. {float(e[bad][0]):g}); set e_min_mev to the data's threshold and e_max_mev above its largest deposit"
+                f"(e.g. {float(e[bad][0]):g}); set the data's threshold_mev to the lowest deposit kept and the model's e_max_mev above the largest"
             )
         t = torch.bucketize(e, self.edges.to(e.device), right=True)
         return torch.where(valid, t, torch.full_like(t, self.energy_pad))
