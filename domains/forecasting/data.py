@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from suite.data import SuiteDataModule, file_hash
+from suite.data import DataFormatError, SuiteDataModule, file_hash
 
 from .synth import generated_csv
 
@@ -56,13 +56,24 @@ def resolve_csv(csv_path: str) -> Path:
     return p
 
 
-def split_borders(n_rows: int, lookback: int, protocol: str) -> tuple[list[int], list[int]]:
-    """Row borders ``(starts, ends)`` of train / val / test, as in the reference data loaders."""
+class ForecastFormatError(DataFormatError):
+    """A forecasting CSV that does not hold what the format promises (the suite's
+    :class:`~suite.data.DataFormatError`): the message names the file, the column (or row) and
+    the expected form."""
+
+
+def split_borders(n_rows: int, lookback: int, protocol: str, path: str | Path = "<series>") -> tuple[list[int], list[int]]:
+    """Row borders ``(starts, ends)`` of train / val / test, as in the reference data loaders.
+
+    A series too short for its protocol raises :class:`ForecastFormatError` naming ``path``
+    (the reference loaders slice past the end instead and return short or empty splits).
+    """
     if protocol in ("ett_hour", "ett_minute"):
         month = HOURS_PER_MONTH * (4 if protocol == "ett_minute" else 1)
         ends = [12 * month, 16 * month, 20 * month]
         if n_rows < ends[-1]:
-            raise ValueError(f"protocol {protocol!r} needs at least {ends[-1]} rows (20 months), the CSV has {n_rows}")
+            raise ForecastFormatError(path, None, f"{n_rows} rows; protocol {protocol!r} expects at least {ends[-1]} rows "
+                                                  f"(20 months of {month} rows: 12 train, 4 val, 4 test)")
     elif protocol == "ratio":
         n_train, n_test = int(n_rows * 0.7), int(n_rows * 0.2)
         ends = [n_train, n_rows - n_test, n_rows]
@@ -78,49 +89,78 @@ def infer_protocol(path: Path) -> str:
 
 
 def read_series_csv(path: str | Path, target: str = "OT", features: str = "M") -> tuple[pd.DatetimeIndex, np.ndarray, list[str]]:
-    """Read a forecasting CSV: a ``date`` column and numeric channels, target moved last.
+    """Read a forecasting CSV: a ``date`` column of date strings and numeric channels, target moved last.
 
     ``features="M"`` keeps every channel (multivariate), ``"S"`` only ``target``. Returns
-    ``(dates, values float32 [rows, channels], channel names)``. Missing or non-numeric values
-    are an error naming the column and row, never filled in.
+    ``(dates, values float32 [rows, channels], channel names)``. Anything the file does not hold
+    as promised raises :class:`ForecastFormatError` naming the file, column and row: unreadable
+    text, rows with more fields than the header, a missing, non-numeric or non-finite value
+    (NaN, inf, beyond float32), a date that does not parse. Nothing is filled in, and a damaged
+    row is refused even where the protocol would not read it (the file is damaged).
     """
     path = Path(path)
-    df = pd.read_csv(path)
-    if "date" not in df.columns:
-        raise ValueError(f"{path}: no 'date' column; expected a header like 'date,<channel>,...,{target}'")
-    if target not in df.columns:
-        raise ValueError(f"{path}: target column {target!r} not found; columns are {list(df.columns)}")
     if features not in ("M", "S"):
         raise ValueError(f"features must be 'M' (all channels) or 'S' (target only), got {features!r}")
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as e:  # a tokenizer error, bad UTF-8, an empty file
+        raise ForecastFormatError(path, None, f"not a readable CSV ({type(e).__name__}: {str(e).strip()}); "
+                                              f"expected comma-separated rows under a header like 'date,<channel>,...,{target}'") from None
+    if not isinstance(df.index, pd.RangeIndex):  # pandas takes the first column as index when rows have one field more
+        raise ForecastFormatError(path, None, f"the rows hold more fields than the header names ({list(df.columns)}); "
+                                              "expected one value per header column")
+    if "date" not in df.columns:
+        raise ForecastFormatError(path, "date", f"no such column (columns are {list(df.columns)}); "
+                                                f"expected a header like 'date,<channel>,...,{target}'")
+    if target not in df.columns:
+        raise ForecastFormatError(path, target, f"target column not found (columns are {list(df.columns)}); "
+                                                "expected it in the header, or set data.target")
+    if len(df) == 0:
+        raise ForecastFormatError(path, None, "no data rows; expected one row per time step under the header")
+    if pd.api.types.is_numeric_dtype(df["date"]):  # e.g. a shifted header: numbers would parse as epoch nanoseconds
+        raise ForecastFormatError(path, "date", f"holds numbers ({df['date'].iloc[0]!r} ...); expected date strings like "
+                                                "'2016-07-01 00:00:00'")
     dates = pd.DatetimeIndex(pd.to_datetime(df["date"], errors="coerce"))
     if dates.isna().any():
         row = int(np.flatnonzero(dates.isna())[0])
-        raise ValueError(f"{path}: column 'date' row {row + 2} ({df['date'].iloc[row]!r}) is not a date")
+        raise ForecastFormatError(path, "date", f"row {row + 2} ({df['date'].iloc[row]!r}) is not a date; "
+                                                "expected the format of the other rows, e.g. '2016-07-01 00:00:00'")
     channels = [c for c in df.columns if c not in ("date", target)] + [target] if features == "M" else [target]
-    values = df[channels].apply(pd.to_numeric, errors="coerce")
-    bad = values.isna().to_numpy()
+    table = df[channels]
+    for col in channels:  # True/False parses as a bool column, which to_numeric would keep as 0/1
+        if pd.api.types.is_bool_dtype(table[col]):
+            raise ForecastFormatError(path, col, f"holds booleans ({table[col].iloc[0]!r} ...); expected numbers")
+    numeric = table.apply(pd.to_numeric, errors="coerce")
+    bad = numeric.isna().to_numpy()
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
-        raise ValueError(
-            f"{path}: column {channels[col]!r} row {row + 2} is {df[channels[col]].iloc[row]!r}; "
-            "expected a number (missing values are not filled in; clean the file first)"
-        )
-    return dates, values.to_numpy(np.float32), channels
+        raise ForecastFormatError(path, channels[col], f"row {row + 2} is {table[channels[col]].iloc[row]!r}; "
+                                                       "expected a number (missing values are not filled in; clean the file first)")
+    with np.errstate(over="ignore"):
+        values = numeric.to_numpy(np.float64).astype(np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = map(int, np.argwhere(bad)[0])
+        raise ForecastFormatError(path, channels[col], f"row {row + 2} is {table[channels[col]].iloc[row]!r}; "
+                                                       "expected a finite number within float32 range")
+    return dates, values, channels
 
 
 class Scaler:
-    """Per-channel standardisation fit on train rows (sklearn StandardScaler semantics, ddof=0).
+    """Per-channel standardisation fit on train rows: scikit-learn's StandardScaler (ddof=0,
+    float64 statistics, a constant channel's scale set to 1), as the reference loaders use it.
 
-    Written here because scikit-learn is not a dependency of the suite; it is two lines.
+    Written here because scikit-learn is not a dependency of the suite; it is three lines.
     """
 
     def __init__(self, train: np.ndarray) -> None:
+        train = np.asarray(train, dtype=np.float64)
         self.mean = train.mean(0)
         self.std = train.std(0)
         self.std[self.std == 0] = 1.0  # a constant channel stays constant instead of becoming NaN
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std).astype(np.float32)
+        return ((np.asarray(x, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
 
     def inverse(self, x: np.ndarray) -> np.ndarray:
         return x * self.std + self.mean
@@ -196,14 +236,15 @@ class ForecastData(SuiteDataModule):
         protocol = infer_protocol(path) if self.protocol == "auto" else self.protocol
         self.path, self.source_hash = path, file_hash(path)
         self.dates, raw, self.channels = read_series_csv(path, self.target, self.features)
-        starts, ends = split_borders(len(raw), self.lookback, protocol)
+        starts, ends = split_borders(len(raw), self.lookback, protocol, path)
         self.scaler = Scaler(raw[starts[0] : ends[0]])
         self.values = self.scaler.transform(raw)
         span = self.lookback + self.horizon
         for name, s, e in zip(("train", "val", "test"), starts, ends):
             n = e - s - span + 1
             if n < 1:
-                raise ValueError(f"{path}: the {name} split ({e - s} rows) is shorter than lookback + horizon = {span}")
+                raise ForecastFormatError(path, None, f"the {name} split has {e - s} rows under protocol {protocol!r}; expected at "
+                                                      f"least lookback + horizon = {span} rows in it (a longer file, or shorter windows)")
             window_starts = np.arange(s, s + n)
             if name == "train" and self.train_windows is not None and self.train_windows < n:
                 rng = np.random.default_rng(self.seed)

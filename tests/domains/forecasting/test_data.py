@@ -8,8 +8,9 @@ import pytest
 
 from domains.forecasting import data as fdata
 from domains.forecasting import synth
-from domains.forecasting.data import ForecastData, read_series_csv, split_borders
+from domains.forecasting.data import ForecastData, ForecastFormatError, read_series_csv, split_borders
 from domains.forecasting.synth import generate_transformer_load
+from suite.data import DataFormatError
 
 ETT_COLUMNS = ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
 ETTH1_ROWS = 17420  # rows of the real ETTh1.csv (2016-07-01 00:00 .. 2018-06-26 19:00)
@@ -42,8 +43,8 @@ def test_etth1_window_counts_on_a_synthetic_csv_with_etth1_rows(tmp_path):
     check_standard_etth1_windows(dm)
     # the scaler saw the train rows only, and windows are in scaled units
     train = raw[ETT_COLUMNS].to_numpy(np.float64)[: 12 * 30 * 24]
-    np.testing.assert_allclose(dm.scaler.mean, train.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(dm.scaler.std, train.std(0), rtol=1e-5)
+    np.testing.assert_allclose(dm.scaler.mean, train.mean(0), rtol=1e-6)  # float64 statistics, as sklearn's on the float64 frame
+    np.testing.assert_allclose(dm.scaler.std, train.std(0), rtol=1e-6)
     np.testing.assert_allclose(dm.values[: 12 * 30 * 24].mean(0), 0, atol=1e-4)
     assert not np.allclose(dm.values[12 * 30 * 24 :].mean(0), 0, atol=1e-2)  # later rows are not re-centred
     # no drop_last on test: every window is seen, the last batch holds 2785 % 32 = 1 window
@@ -63,7 +64,7 @@ def test_ettm_borders_are_four_times_the_hourly_ones(tmp_path):
     assert dm.protocol_used == "ett_minute"
     assert dm.split_sizes["train"] == 12 * month - 96 - 192 + 1
     assert dm.split_sizes["val"] == dm.split_sizes["test"] == 4 * month - 192 + 1
-    with pytest.raises(ValueError, match="at least 14400 rows"):
+    with pytest.raises(ForecastFormatError, match="<series>: 14000 rows; protocol 'ett_hour' expects at least 14400 rows"):
         split_borders(14000, 336, "ett_hour")
 
 
@@ -92,24 +93,56 @@ def test_generic_csv_ratio_protocol_target_last_and_univariate(tmp_path):
 
 def test_reader_errors_name_file_field_and_row(tmp_path):
     bad = tmp_path / "bad.csv"
+
+    def refused(match: str) -> ForecastFormatError:
+        with pytest.raises(ForecastFormatError, match=match) as err:
+            read_series_csv(bad)
+        assert isinstance(err.value, DataFormatError) and str(bad) in str(err.value) and "expected" in str(err.value)
+        return err.value
+
     pd.DataFrame({"time": ["2020-01-01"], "OT": [1.0]}).to_csv(bad, index=False)
-    with pytest.raises(ValueError, match=r"bad.csv: no 'date' column"):
-        read_series_csv(bad)
+    assert refused(r"bad.csv: field 'date': no such column").field == "date"
     pd.DataFrame({"date": ["2020-01-01", "2020-01-02"], "load": [1.0, 2.0]}).to_csv(bad, index=False)
-    with pytest.raises(ValueError, match=r"target column 'OT' not found"):
-        read_series_csv(bad)
+    refused(r"field 'OT': target column not found")
     pd.DataFrame({"date": ["2020-01-01", "2020-01-02", "2020-01-03"], "OT": ["1.0", "", "3"]}).to_csv(bad, index=False)
-    with pytest.raises(ValueError, match=r"column 'OT' row 3 .*not filled in"):
-        read_series_csv(bad)
+    refused(r"field 'OT': row 3 .*expected a number .*not filled in")
     pd.DataFrame({"date": ["2020-01-01", "yesterday"], "OT": [1.0, 2.0]}).to_csv(bad, index=False)
-    with pytest.raises(ValueError, match=r"column 'date' row 3 \('yesterday'\)"):
-        read_series_csv(bad)
+    refused(r"field 'date': row 3 \('yesterday'\) is not a date")
+    for token, row in (("inf", 2), ("-inf", 3), ("1e39", 2)):  # beyond float32 is as unusable as inf
+        bad.write_text(f"date,OT\n2020-01-01,{token if row == 2 else 1}\n2020-01-02,{token if row == 3 else 2}\n")
+        refused(rf"field 'OT': row {row} is .*expected a finite number within float32 range")
+    bad.write_text("date,OT\n2020-01-01,True\n2020-01-02,False\n")
+    refused(r"field 'OT': holds booleans .*expected numbers")
+    # one field more per row than the header: pandas would take the dates as the index and shift every column
+    bad.write_text("date,HUFL,OT\n2020-01-01,1,2,3\n2020-01-02,4,5,6\n")
+    refused(r"bad.csv: the rows hold more fields than the header names")
+    bad.write_text("date,OT\n1467331200,1.0\n1467334800,2.0\n")  # epoch seconds would parse as nanoseconds
+    refused(r"field 'date': holds numbers .*expected date strings")
+    bad.write_text("date,OT\n2020-01-01,1\n2020-01-02,4,5\n")
+    refused(r"bad.csv: not a readable CSV \(ParserError")
+    bad.write_bytes(b"date,OT\n2020-01-01,\xff1\n")
+    refused(r"bad.csv: not a readable CSV \(UnicodeDecodeError")
+    bad.write_text("")
+    refused(r"bad.csv: not a readable CSV \(EmptyDataError")
+    bad.write_text("date,OT\n")
+    refused(r"bad.csv: no data rows")
     with pytest.raises(FileNotFoundError, match="SUITE_ETT_DIR"):
         ForecastData("ETTh9").setup()
+
+
+def test_series_too_short_for_its_protocol_is_a_format_error_naming_the_file(tmp_path):
     short = tmp_path / "short.csv"
-    write_ett_like(short, 300)
-    with pytest.raises(ValueError, match="shorter than lookback"):
+    write_ett_like(short, 300)  # ratio protocol: val 30 + 96 rows < lookback + horizon = 192
+    with pytest.raises(ForecastFormatError, match=r"short.csv: the val split has 126 rows under protocol 'ratio'; expected at least"):
         ForecastData(str(short), lookback=96, horizon=96).setup()
+    etth = tmp_path / "ETTh2.csv"
+    write_ett_like(etth, 14000)
+    with pytest.raises(ForecastFormatError, match=r"ETTh2.csv: 14000 rows; protocol 'ett_hour' expects at least 14400 rows"):
+        ForecastData(str(etth), lookback=336, horizon=96).setup()
+    ettm = tmp_path / "ETTm1.csv"
+    write_ett_like(ettm, 14400, freq="15min")  # enough for the hourly borders, a quarter of the minute ones
+    with pytest.raises(ForecastFormatError, match=r"ETTm1.csv: 14400 rows; protocol 'ett_minute' expects at least 57600"):
+        ForecastData(str(ettm), lookback=96, horizon=96).setup()
 
 
 def test_generator_is_seeded_and_physically_coupled():
