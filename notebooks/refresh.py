@@ -9,7 +9,10 @@ Each notebook says in its metadata what it reads (``metadata.suite``)::
     {"env": "NUCLEI_RUN",                                    # the variable the notebook reads its run folder from
      "commands": [["fit", "--config", "domains/nuclei.yaml"],  # python -m suite <command> --trainer.default_root_dir {run}
                   ["predict", "--config", "domains/nuclei.yaml", "--ckpt_path", "last"]],
-     "figure": 1}                                            # which image output (0-based) becomes docs/figures/<name>.png
+     "figure": 1}
+
+A command that starts with ``-m`` runs that module instead of ``python -m suite`` (a stages file:
+``["-m", "suite.stages", "domains/calorimetry/lifecycle.yaml", "--root", "{run}"]``).                                            # which image output (0-based) becomes docs/figures/<name>.png
 
 The commands run with ``--trainer.default_root_dir runs/notebooks/<name>`` (``{run}`` in a command
 is replaced by that folder), the notebook then executes in a fresh kernel with the variable set,
@@ -42,6 +45,10 @@ def notebook_meta(nb) -> dict:
 def run_commands(meta: dict, run: Path) -> None:
     for command in meta["commands"]:
         args = [str(a).replace("{run}", str(run)) for a in command]
+        if args[0] == "-m":  # another entry point, e.g. ["-m", "suite.stages", "<stages.yaml>", "--root", "{run}"]
+            print(f"[refresh] python {' '.join(args)}", flush=True)
+            subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+            continue
         if "--trainer.default_root_dir" not in args:
             args += ["--trainer.default_root_dir", str(run)]
         print(f"[refresh] python -m suite {' '.join(args)}", flush=True)

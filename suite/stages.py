@@ -137,8 +137,10 @@ def _run(stages: list[dict[str, Any]], root: Path, base: list[str], only: list[s
     return {"stages": results, "last_cli": last_cli}
 
 
-def run_stages(spec_path: str | Path, only: list[str] | None = None, extra_args: list[str] | None = None) -> dict[str, Any]:
-    """Run the stages of a stand-alone stages file in order; return ``{stage: {"checkpoint", "test"}}``."""
+def run_stages(spec_path: str | Path, only: list[str] | None = None, extra_args: list[str] | None = None,
+               root: str | Path | None = None) -> dict[str, Any]:
+    """Run the stages of a stand-alone stages file in order; return ``{stage: {"checkpoint", "test"}}``.
+    ``root`` (default: the file's ``root``) is the folder the stages run in."""
     spec_path = Path(spec_path)
     spec = yaml.safe_load(spec_path.read_text())
     if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list):
@@ -147,7 +149,7 @@ def run_stages(spec_path: str | Path, only: list[str] | None = None, extra_args:
     names = [s["name"] for s in stages]
     if only and set(only) - set(names):
         raise ValueError(f"{spec_path}: --only names unknown stages {sorted(set(only) - set(names))}; stages are {names}")
-    root = Path(spec.get("root", "runs/stages"))
+    root = Path(root if root is not None else spec.get("root", "runs/stages"))
     # the stand-alone file's stages carry their own configs; the command line's extras go last
     stages = [{**s, "args": [*(s.get("args") or []), *(extra_args or [])]} for s in stages]
     return _run(stages, root, [], only)["stages"]
@@ -208,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m suite.stages", description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="stages YAML")
     parser.add_argument("--only", nargs="*", help="run only these stages (earlier checkpoints must exist)")
+    parser.add_argument("--root", help="run the stages in this folder instead of the file's root")
     args, extra = parser.parse_known_args(argv)
-    results = run_stages(args.spec, args.only, extra)
+    results = run_stages(args.spec, args.only, extra, root=args.root)
     print(json.dumps(results, indent=2))
 
 

@@ -41,6 +41,15 @@ def test_stages_run_in_order_and_chain_checkpoints(tmp_path: Path) -> None:
     assert torch.equal(rebuilt.head.weight, probe_head)
 
 
+def test_root_given_on_the_command_line_wins_over_the_files(tmp_path: Path) -> None:
+    from suite.stages import main
+
+    spec = _write(tmp_path, [{"name": "only", "args": ["--model.init_args.adapter", "null"]}])
+    main([str(spec), "--root", str(tmp_path / "elsewhere")])
+    assert (tmp_path / "elsewhere" / "only" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_stage_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not an earlier stage"):
         run_stages(_write(tmp_path, [{"name": "a", "init_from": "b"}, {"name": "b"}]))
