@@ -191,6 +191,14 @@ class OneForAll(ForecastModule):
             (one randomly initialised pre-norm attention block of width ``d_model``).
         d_model: width without an LM (``none`` / ``attention``); 576 = SmolLM2's width keeps
             the ablation's embedding and head shapes identical to the LM model's.
+        attn_implementation: the LM's attention kernel (transformers' name); ``None`` keeps its
+            default. ``eager`` (plain matmul + softmax) because on CPU, for these short sequences
+            (42 patches), torch's SDPA flash kernel is slow in bf16: its backward took 5.6x the
+            eager time (525 vs 93 ms for 56 x 9 heads x 42 x 64, one thread), and a whole
+            bf16-mixed training step of the 2-layer SmolLM2 trunk (batch 8 x 7 channels) took
+            ~2.3 s with SDPA, ~1.3 s eager. In 32-true SDPA is the faster one (~2.6 vs ~3.2 s;
+            all on one thread of busy cores), so pass ``sdpa`` for fp32 runs. Same math, so
+            outputs agree to rounding.
         adapter: default :func:`one_for_all_adapter` (rank-16 rsLoRA, alpha 16, i.e. scale 4,
             Gaussian start: the paper's "Gaussian rsLoRA"; ``init: kaiming`` for the usual start).
     """
@@ -207,6 +215,7 @@ class OneForAll(ForecastModule):
         patch_len: int = 16,  # GPT4TS / PatchTST ETTh1 setting
         stride: int = 8,
         head_dropout: float = 0.0,
+        attn_implementation: str | None = "eager",
         adapter: AdapterSpec | None = None,
         **kwargs: Any,
     ) -> None:
@@ -222,6 +231,8 @@ class OneForAll(ForecastModule):
                 if backbone == AUTO:  # what "auto" means here and now, kept in checkpoints for test / predict / resume
                     self.record_resolved("backbone", AUTO, resolve_causal_lm(AUTO)[0])
                 lm = build_causal_lm(self.resolved.get("backbone", {}).get("resolved", backbone), num_layers=num_layers)
+                if attn_implementation is not None:
+                    lm.set_attn_implementation(attn_implementation)
                 self.trunk_source = lm.suite_source
                 self.backbone = lm.base_model  # the decoder stack without the LM head
                 emb = self.backbone.get_input_embeddings()

@@ -73,6 +73,19 @@ def test_channel_independence_and_gradients_reach_the_embedding():
         assert m.get_parameter(name).grad.abs().sum() > 0, name
 
 
+def test_eager_attention_by_default_gives_what_sdpa_gives():
+    """The trunk runs transformers' eager attention (faster here on CPU, see OneForAll); same math as SDPA."""
+    eager, sdpa = tiny(), tiny(attn_implementation="sdpa")
+    assert eager.backbone.config._attn_implementation == "eager" and sdpa.backbone.config._attn_implementation == "sdpa"
+    torch.nn.init.normal_(eager.head.lora.B, std=0.1)
+    sdpa.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 96, 3)
+    y_e, y_s = eager(x), sdpa(x)
+    torch.testing.assert_close(y_e, y_s, atol=1e-5, rtol=1e-5)
+    y_e.square().mean().backward(), y_s.square().mean().backward()
+    torch.testing.assert_close(eager.patch_embed.weight.grad, sdpa.patch_embed.weight.grad, atol=1e-5, rtol=1e-4)
+
+
 def test_lm_removed_ablations_share_the_rest_of_the_model():
     lm, none = tiny(), tiny(trunk="none", d_model=D)
     assert none.report.trainable == lm.report.trainable
