@@ -50,8 +50,21 @@ def test_yaml_fit_test_predict_and_comparison_notebook(tmp_path, monkeypatch):
 
     nb = run_notebook("forecasting.ipynb", env={"FORECAST_RUNS": os.pathsep.join(map(str, (ofa, dlinear)))})
     out = cell_outputs(nb)
-    assert "2 run folders" in out and "DLinear" in out and "One-for-All (tiny, 2 LM layers)" in out
-    assert "test/mse" in out and str(preds.parent / "forecasts.png") in out
+    assert "2 run folders" in out and str(preds.parent / "forecasts.png") in out
+    # the printed table holds each run's numbers as its metrics.csv has them (4 decimals)
+    printed = {}
+    for line in out.splitlines():
+        for method in ("One-for-All (tiny, 2 LM layers)", "DLinear"):
+            if line.strip().startswith(method) and "->" not in line:  # a table row, not the forecast-plot line
+                printed[method] = line.strip()[len(method):].split()
+    assert set(printed) == {"One-for-All (tiny, 2 LM layers)", "DLinear"}
+    header = next(line.replace("best val/mse", "best_val/mse").split() for line in out.splitlines() if "test/mse" in line)
+    for method, run in (("One-for-All (tiny, 2 LM layers)", ofa), ("DLinear", dlinear)):
+        metrics = pd.concat([pd.read_csv(f) for f in sorted(run.glob("logs/version_*/metrics.csv"))])
+        row = dict(zip(header[1:], printed[method]))
+        for col in ("test/mse", "test/mae"):
+            assert row[col] == f"{metrics[col].dropna().iloc[-1]:.4f}", (method, col, row)
+        assert row["best_val/mse"] == f"{metrics['val/mse'].dropna().min():.4f}"
 
 
 @pytest.mark.parametrize("name, trainable", [("patchtst", None), ("lm_removed", "same"), ("lm_attention", "more")])
