@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage as ndi
 from skimage.color import rgb2hed
 from skimage.feature import peak_local_max
@@ -44,7 +45,10 @@ def hovernet_instances(
 ) -> np.ndarray:
     """Instance map (H, W) int32 from NP logits (2, H, W), h/v maps (2, H, W) and boundary prob (H, W)."""
     c = config or PostProcessConfig()
-    with warnings.catch_warnings():  # MONAI passes scikit-image 0.26's deprecated `min_size` internally
+    # validation under bf16-mixed calls this inside autocast, where MONAI's torch steps (distance
+    # map smoothing) would come back in bf16, which numpy cannot hold: the chain runs in fp32
+    with warnings.catch_warnings(), torch.autocast("cpu", enabled=False):
+        # MONAI passes scikit-image 0.26's deprecated `min_size` internally
         warnings.filterwarnings("ignore", message="Parameter `min_size` is deprecated", category=FutureWarning)
         return _hovernet_instances(np_logits, hv, boundary, c)
 
@@ -84,10 +88,11 @@ def instance_types(inst: np.ndarray, type_logits: np.ndarray) -> np.ndarray:
     pixel_types = type_logits.argmax(0)[None]
     out = np.zeros(inst.shape, np.int32)
     vote = GenerateInstanceType()
-    for region in regionprops(inst):
-        r0, c0, r1, c1 = region.bbox
-        cls, _ = vote(pixel_types, inst[None], np.array([[r0, r1, c0, c1]]), region.label)
-        out[inst == region.label] = cls
+    with torch.autocast("cpu", enabled=False):  # fp32 under bf16-mixed, as in hovernet_instances
+        for region in regionprops(inst):
+            r0, c0, r1, c1 = region.bbox
+            cls, _ = vote(pixel_types, inst[None], np.array([[r0, r1, c0, c1]]), region.label)
+            out[inst == region.label] = cls
     return out
 
 

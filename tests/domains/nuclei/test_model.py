@@ -213,3 +213,23 @@ def test_postprocess_recovers_instances_from_perfect_outputs():
 
     with_boundary = hovernet_instances(logits, hover_maps(inst), find_boundaries(inst, mode="inner").astype(np.float32))
     assert len(np.unique(with_boundary[with_boundary > 0])) == 4
+
+
+def test_postprocess_is_the_same_inside_bf16_autocast():
+    """Validation under bf16-mixed runs the watershed inside autocast; MONAI's torch steps must stay fp32."""
+    from domains.nuclei.data import hover_maps
+    from domains.nuclei.postprocess import hovernet_instances, instance_types
+
+    yy, xx = np.mgrid[:64, :64]
+    inst = np.zeros((64, 64), np.int32)
+    for i, (r, c, rad) in enumerate([(15, 15, 7), (15, 28, 7), (45, 40, 9)], start=1):
+        inst[(yy - r) ** 2 + (xx - c) ** 2 <= rad**2] = i
+    fg = (inst > 0).astype(np.float32)
+    logits, hv = np.stack([1 - 2 * fg, 2 * fg - 1]) * 4, hover_maps(inst)
+    type_logits = np.eye(4, dtype=np.float32)[np.where(inst > 0, inst, 0)].transpose(2, 0, 1)
+    reference = hovernet_instances(logits, hv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = hovernet_instances(logits, hv)
+        types = instance_types(pred, type_logits)
+    np.testing.assert_array_equal(pred, reference)
+    np.testing.assert_array_equal(types, instance_types(reference, type_logits))
