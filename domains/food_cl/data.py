@@ -213,6 +213,8 @@ class FoodCLData(SuiteDataModule):
             (0.5/0.5: timm's in21k ViTs).
         generated_classes, pretrain_classes, train_max, train_min, val_per_class,
         test_per_class, pretrain_per_class, generator_seed: the generated sets.
+        pretrain_setting: how the generated pretraining dishes are photographed (``studio``: another
+            domain than the continual ``restaurant`` photos; see ``synth.render_batch``).
         cache_images: keep decoded images in memory (``None``: only for generated sets).
     """
 
@@ -242,6 +244,7 @@ class FoodCLData(SuiteDataModule):
         val_per_class: int = 5,
         test_per_class: int = 20,
         pretrain_per_class: int = 48,
+        pretrain_setting: Literal["studio", "restaurant"] = "studio",
         generator_seed: int = 0,
         cache_images: bool | None = None,
         batch_size: int = 32,
@@ -268,7 +271,7 @@ class FoodCLData(SuiteDataModule):
         self.generated = dict(n_classes=generated_classes, size=image_size, train_max=train_max, train_min=train_min,
                               n_val=val_per_class, n_test=test_per_class, seed=generator_seed)
         self.generated_pretrain = dict(n_classes=pretrain_classes, size=image_size, n_train=pretrain_per_class,
-                                       n_val=max(pretrain_per_class // 4, 1), seed=generator_seed)
+                                       n_val=max(pretrain_per_class // 4, 1), seed=generator_seed, setting=pretrain_setting)
         generated = source == "generated" or (mode == "pretrain" and not pretrain_path)
         self.cache_images = generated if cache_images is None else cache_images
 
@@ -280,7 +283,8 @@ class FoodCLData(SuiteDataModule):
                     f"_va{g['n_val']}_te{g['n_test']}_seed{g['seed']}")
             return cached(generated_dir("food_cl") / name, lambda tmp: generate_food101(tmp, **g))
         g = self.generated_pretrain
-        name = f"pretrain_v{GENERATOR_VERSION}_c{g['n_classes']}_s{g['size']}_tr{g['n_train']}_va{g['n_val']}_seed{g['seed']}"
+        name = (f"pretrain_v{GENERATOR_VERSION}_c{g['n_classes']}_s{g['size']}_tr{g['n_train']}_va{g['n_val']}_seed{g['seed']}"
+                f"_{g['setting']}")
         return cached(generated_dir("food_cl") / name, lambda tmp: generate_pretrain(tmp, **g))
 
     @cached_property
@@ -337,6 +341,11 @@ class FoodCLData(SuiteDataModule):
 
     @property
     def classes_per_task(self) -> list[int]:
+        """Classes of each fit of the stream: the protocol's tasks (``continual``), one fit of every
+        class (``joint``, the upper bound) or of every pretraining class (``pretrain``).
+        ``task_of_class`` keeps the protocol's tasks in every mode (for per-task reports)."""
+        if self.mode == "joint":
+            return [self.num_classes]
         return list(self.protocol.classes_per_task)
 
     @property
@@ -408,9 +417,13 @@ class FoodCLData(SuiteDataModule):
 
         For class prototypes: the current task's after a merge, or every seen task's to refresh old
         prototypes (which needs the old data, so it is an option, not the exemplar-free default).
+        In ``joint`` and ``pretrain`` mode: every class of the fit.
         """
-        tasks = [self.task] if tasks is None else list(tasks)
-        offsets = self.protocol.offsets
-        parts = [self._dataset("train", range(int(offsets[t]), int(offsets[t + 1])), train=False) for t in tasks]
+        if self.mode != "continual":  # one fit of every class: its prototypes are every class's
+            parts = [self._dataset("train", self.task_classes, train=False)]
+        else:
+            tasks = [self.task] if tasks is None else list(tasks)
+            offsets = self.protocol.offsets
+            parts = [self._dataset("train", range(int(offsets[t]), int(offsets[t + 1])), train=False) for t in tasks]
         ds = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

@@ -31,9 +31,17 @@ from typing import Iterable, Sequence
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from suite.data import DataFormatError
 
-class DatasetFormatError(ValueError):
-    """Input data that does not have the expected form; the message says where and what was expected."""
+
+class DatasetFormatError(DataFormatError):
+    """Input data that does not have the expected form (the suite's :class:`~suite.data.DataFormatError`,
+    a ``ValueError``); the message says where (file, line or field) and what form was expected."""
+
+    def __init__(self, message: str, path: str | Path | None = None, field: str | None = None) -> None:
+        ValueError.__init__(self, message)  # the message already names the file, the field and the form
+        self.path = str(path) if path is not None else message.split(": ", 1)[0].split(", line ", 1)[0]
+        self.field = field
 
 
 @dataclass

@@ -11,7 +11,9 @@ A class is a *recipe*, drawn once from its own random stream:
   food's photo, plus a pattern (citrus segments, noodle strands, seeds, crust, browning patches);
 * toppings (sprinkles, a garnish of leaves, a sauce drizzle, a dollop) and a gloss.
 
-An image is one serving of a recipe under random nuisances: colour jitter within the class
+An image is one serving of a recipe under random nuisances (in one of two photographic settings:
+``restaurant``, below, for the continual classes; ``studio`` product shots for the pretraining
+classes, so the frozen backbone meets a new domain as in21k ViTs meet food photos): colour jitter within the class
 spread, shape jitter, plate colour (white or red ceramic, fitted on the espresso cup and saucer
 photo) or a bowl, wooden table (fitted on the same photo), pose (plate rotation, camera tilt,
 distance, offset), lighting (direction, elevation, ambient, colour temperature, exposure), a cast
@@ -43,6 +45,7 @@ TEXTURES = {"smooth": 0.18, "segments": 0.14, "strands": 0.16, "speckle": 0.18, 
 TOPPINGS = {"none": 0.3, "sprinkles": 0.2, "garnish": 0.2, "drizzle": 0.15, "dollop": 0.15}
 GREENS = ("lime_peel", "kiwi_flesh")  # garnish leaves take a green food's colour
 Pool = Literal["continual", "pretrain"]
+Setting = Literal["restaurant", "studio"]
 POOLS = {"continual": 0, "pretrain": 1}
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
@@ -400,12 +403,41 @@ def _colours(dish: Dish, p: dict[str, np.ndarray]) -> np.ndarray:
     return _lab_to_linear(lab.reshape(-1, 3)).reshape(n, 5, 3)
 
 
-def render_batch(dish: Dish, rngs: list[np.random.Generator], size: int = 32) -> np.ndarray:
-    """Servings of ``dish``, one per random stream, as (n, size, size, 3) uint8 sRGB images."""
+def _studio(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same draws, photographed as product shots: near top-down and 1.35x closer, white plates,
+    high soft neutral light, little defocus (mapped from the draws, so the streams are unchanged)."""
+    p = dict(p)
+    pose = p["pose"].copy()
+    pose[:, 0] *= 0.25  # tilt up to ~11 degrees instead of 45
+    pose[:, 1] *= 1.35  # closer: the plate fills the frame
+    light = p["light"].copy()  # azimuth, elevation, ambient, temperature, exposure, blur
+    light[:, 1] = np.radians(60) + 0.25 * (light[:, 1] - np.radians(25))
+    light[:, 2] += 0.25
+    light[:, 3] = 0.0
+    light[:, 4] = 1.0 + 0.25 * (light[:, 4] - 0.95)
+    light[:, 5] *= 0.3
+    p.update(pose=pose, light=light, white_plate=np.ones_like(p["white_plate"]))
+    return p
+
+
+def render_batch(dish: Dish, rngs: list[np.random.Generator], size: int = 32, setting: Setting = "restaurant") -> np.ndarray:
+    """Servings of ``dish``, one per random stream, as (n, size, size, 3) uint8 sRGB images.
+
+    ``setting``: ``restaurant`` (wooden tables, white or red plates, any light and camera: the
+    continual photos) or ``studio`` (see :func:`_studio`: the pretraining photos, so the frozen
+    backbone meets a new photographic domain in the continual tasks, as an ImageNet-21k ViT
+    meets food photos).
+    """
+    if setting not in ("restaurant", "studio"):
+        raise ValueError(f"setting must be 'restaurant' or 'studio', got {setting!r}")
     draws = [_draw(dish, rng, size) for rng in rngs]
     p = {k: np.stack([d[k] for d in draws]) for k in draws[0]}
+    if setting == "studio":
+        p = _studio(p)
     sc = _Scene(p["pose"], size)
     table, plate, food, second, top = (c[:, None, None, :] for c in np.moveaxis(_colours(dish, p), 1, 0))
+    if setting == "studio":  # a light grey backdrop instead of the wooden table
+        table = np.broadcast_to(_lab_to_linear(np.array([[78.0, 0.0, 2.0]])), table.shape)
     # table: wood grain along a random direction
     g = _col(p["grain"], 0)
     along = (sc.x * np.cos(g) + sc.y * np.sin(g) + 1.5) / 3 * (4 * size - 1)  # position in the grain walk
@@ -415,7 +447,8 @@ def render_batch(dish: Dish, rngs: list[np.random.Generator], size: int = 32) ->
     rows = np.arange(len(rngs))[:, None, None]
     grain = walk[rows, lo] * (1 - frac) + walk[rows, lo + 1] * frac
     grain -= grain.mean(axis=(1, 2), keepdims=True)
-    albedo = table * (1 + 0.25 * grain + 0.05 * power_law(p["wood_noise"], colour_stats()["wood_table"].beta))[..., None]
+    grain_amp = 0.0 if setting == "studio" else 0.25
+    albedo = table * (1 + grain_amp * grain + 0.05 * power_law(p["wood_noise"], colour_stats()["wood_table"].beta))[..., None]
     # plate (or bowl): a disk with a rim; a bowl's wall is wider and rises higher
     rho, _ = sc.polar()
     rim_in = 0.68 if dish.bowl else 0.8
@@ -456,9 +489,9 @@ def render_batch(dish: Dish, rngs: list[np.random.Generator], size: int = 32) ->
     return np.clip(np.rint(srgb * 255), 0, 255).astype(np.uint8)
 
 
-def render(dish: Dish, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+def render(dish: Dish, rng: np.random.Generator, size: int = 32, setting: Setting = "restaurant") -> np.ndarray:
     """One serving of ``dish`` as an (size, size, 3) uint8 sRGB image."""
-    return render_batch(dish, [rng], size)[0]
+    return render_batch(dish, [rng], size, setting)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,7 +515,8 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
     Image.fromarray(image).save(path, quality=92)
 
 
-def _render_all(jobs: list[tuple[Dish, int, str, int, Path]], pool: str, seed: int, size: int, desc: str) -> None:
+def _render_all(jobs: list[tuple[Dish, int, str, int, Path]], pool: str, seed: int, size: int, desc: str,
+                setting: Setting = "restaurant") -> None:
     """Render and write (dish, class, split, i, path) jobs, batching the servings of one dish."""
     from tqdm.auto import tqdm
 
@@ -493,7 +527,7 @@ def _render_all(jobs: list[tuple[Dish, int, str, int, Path]], pool: str, seed: i
         for group in groups.values():
             for start in range(0, len(group), 64):
                 chunk = group[start : start + 64]
-                images = render_batch(chunk[0][0], [_image_rng(seed, pool, c, split, i) for _, c, split, i, _ in chunk], size)
+                images = render_batch(chunk[0][0], [_image_rng(seed, pool, c, split, i) for _, c, split, i, _ in chunk], size, setting)
                 for (_, _, _, _, path), image in zip(chunk, images):
                     path.parent.mkdir(parents=True, exist_ok=True)
                     _write_jpeg(path, image)
@@ -541,12 +575,13 @@ def generate_food101(
 
 
 def generate_pretrain(out_dir: Path, n_classes: int = 40, size: int = 32, n_train: int = 64, n_val: int = 16,
-                      seed: int = 0) -> None:
-    """Write the pretraining pool as an ImageFolder tree ``{train,val}/<class>/<i>.jpg`` (+ ``recipes.json``)."""
+                      seed: int = 0, setting: Setting = "studio") -> None:
+    """Write the pretraining pool as an ImageFolder tree ``{train,val}/<class>/<i>.jpg`` (+ ``recipes.json``),
+    photographed in ``setting`` (studio by default: another photographic domain than the continual set's)."""
     out_dir = Path(out_dir)
     dishes = make_dishes(n_classes, seed, "pretrain")
     jobs = [(d, c, split, i, out_dir / split / d.name / f"{i:05d}.jpg")
             for split, n in (("train", n_train), ("val", n_val)) for c, d in enumerate(dishes) for i in range(n)]
-    _render_all(jobs, "pretrain", seed, size, "food_cl: pretraining dishes")
+    _render_all(jobs, "pretrain", seed, size, "food_cl: pretraining dishes", setting)
     (out_dir / "recipes.json").write_text(json.dumps([asdict(d) for d in dishes], indent=1))
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from domains.food_cl.readers import DatasetFormatError, read_food101, read_image_folder, read_image_list
+from suite.data import DataFormatError
 
 
 def _jpeg(path, value=0):
@@ -61,8 +62,9 @@ def test_food101_bad_input(tmp_path):
     root = tmp_path / "food-101"
     _food101(root)
     (root / "meta" / "train.txt").write_text("apple_pie/1005649\napple_pie_1014775\n")
-    with pytest.raises(DatasetFormatError, match=r"train\.txt, line 2: 'apple_pie_1014775' is not of the form <class>/<id>"):
+    with pytest.raises(DatasetFormatError, match=r"train\.txt, line 2: 'apple_pie_1014775' is not of the form <class>/<id>") as err:
         read_food101(root)
+    assert isinstance(err.value, DataFormatError) and err.value.path.endswith("train.txt")  # the suite's reader error
     (root / "meta" / "train.txt").write_text("pizza/1\n")
     with pytest.raises(DatasetFormatError, match=r"train\.txt, line 1: class 'pizza' is not in .*classes\.txt"):
         read_food101(root)

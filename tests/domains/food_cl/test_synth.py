@@ -94,3 +94,34 @@ def test_colour_statistics_and_texture_law():
     for beta in (1.0, 2.5):
         est = np.mean([spectral_slope(power_law(rng.standard_normal((64, 64)), beta)) for _ in range(8)])
         assert est == pytest.approx(beta, abs=0.3)
+
+
+def _corners(images: np.ndarray) -> np.ndarray:
+    """(n, 32, 3) pixels of the top-left and bottom-right 4 x 4 corners: the table or backdrop."""
+    images = images.astype(float)
+    n = len(images)
+    return np.concatenate([images[:, :4, :4].reshape(n, -1, 3), images[:, -4:, -4:].reshape(n, -1, 3)], 1)
+
+
+def test_studio_setting_is_another_photographic_domain(tmp_path):
+    """Pretraining dishes are studio shots (light grey backdrop), continual ones restaurant photos
+    (saturated wooden tables), from the same random draws."""
+    dish = make_dishes(1, 0, "pretrain")[0]
+    rngs = lambda: [_image_rng(0, "pretrain", 0, "train", i) for i in range(8)]  # noqa: E731
+    studio, restaurant = render_batch(dish, rngs(), 32, "studio"), render_batch(dish, rngs(), 32, "restaurant")
+    np.testing.assert_array_equal(studio, render_batch(dish, rngs(), 32, "studio"))  # seeded
+    s, r = _corners(studio), _corners(restaurant)
+    saturation = lambda px: float((px.max(-1) - px.min(-1)).mean())  # noqa: E731
+    assert saturation(s) < 50 < 80 < saturation(r)  # grey backdrop vs wood
+    assert s.mean() > 140 > r.mean()  # a bright backdrop vs a darker table
+    with pytest.raises(ValueError, match="setting must be 'restaurant' or 'studio'"):
+        render_batch(dish, rngs(), 32, "kitchen")
+    # generate_pretrain photographs in the studio by default
+    generate_pretrain(tmp_path / "pre", n_classes=1, size=16, n_train=2, n_val=1, seed=0)
+    first = next(iter(sorted((tmp_path / "pre" / "train").iterdir()))).name
+    from PIL import Image
+
+    written = np.asarray(Image.open(tmp_path / "pre" / "train" / first / "00000.jpg").convert("RGB"))
+    error = {setting: np.abs(written.astype(int) - render_batch(dish, [_image_rng(0, "pretrain", 0, "train", 0)], 16, setting)[0]).mean()
+             for setting in ("studio", "restaurant")}
+    assert error["studio"] < 8 and error["studio"] < error["restaurant"] / 3  # the studio image, up to 16-px JPEG
