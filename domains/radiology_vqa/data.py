@@ -108,14 +108,14 @@ class RadiologyVQA(Dataset):
         answer); ``question``, ``answer``, ``question_type`` (closed / open), ``topic``; ``groups``
         (attribute -> name, '' unknown), ``group_ids`` (attribute -> id, -1 unknown), ``group``
         (combined id over ``balance_on``); ``findings`` float (4,) 1 / 0 / NaN in FINDINGS order;
-        ``patient_id``, ``id``."""
+        ``patient_id``, ``id``, ``image_path`` (the file read)."""
         r = self.records[i]
         ids = self.codes.ids(r.groups)
         return {"image": self.images(r.image), "messages": [dict(m) for m in r.messages], "question": r.question,
                 "answer": r.answer, "question_type": r.question_type, "topic": r.topic, "groups": dict(r.groups),
                 "group_ids": ids, "group": self.codes.combined(ids),
                 "findings": torch.tensor([r.findings.get(f, float("nan")) for f in FINDINGS], dtype=torch.float32),
-                "patient_id": r.patient_id, "id": r.id}
+                "patient_id": r.patient_id, "id": r.id, "image_path": str(r.image)}
 
 
 class VQACollate:
@@ -127,7 +127,7 @@ class VQACollate:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}
-        for k in ("messages", "question", "answer", "question_type", "topic", "patient_id", "id"):
+        for k in ("messages", "question", "answer", "question_type", "topic", "patient_id", "id", "image_path"):
             batch[k] = [it[k] for it in items]
         batch["closed"] = torch.tensor([it["question_type"] == "closed" for it in items])
         batch["groups"] = {a: [it["groups"][a] for it in items] for a in items[0]["groups"]}

@@ -126,12 +126,13 @@ class CLUBCategorical(nn.Module):
             nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
 
     def log_q(self, z: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
-        """log q(k | z) for every class k: (B, K), in fp32."""
-        if detach_params:  # the estimator as a constant: the gradient reaches z only
-            params = {n: p.detach() for n, p in self.q.named_parameters()}
-            logits = functional_call(self.q, params, (z.float(),))
-        else:
-            logits = self.q(z.float())
+        """log q(k | z) for every class k: (B, K), in fp32 (also under autocast, see difference 7)."""
+        with torch.autocast(z.device.type, enabled=False):
+            if detach_params:  # the estimator as a constant: the gradient reaches z only
+                params = {n: p.detach().float() for n, p in self.q.named_parameters()}
+                logits = functional_call(self.q, params, (z.float(),))
+            else:
+                logits = self.q(z.float())
         return logits.float().log_softmax(-1)
 
     def mi(self, z: torch.Tensor, a: torch.Tensor, detach_params: bool = False, gather: bool = False) -> torch.Tensor:
@@ -148,7 +149,8 @@ class CLUBCategorical(nn.Module):
         logp = self.log_q(z[valid], detach_params)
         own = logp.gather(1, a[valid, None]).squeeze(1)
         counts = torch.bincount(pool, minlength=self.num_classes).to(logp)
-        negative = (logp @ counts - own) / (pool.numel() - 1)
+        with torch.autocast(z.device.type, enabled=False):  # autocast would run this product in bf16
+            negative = (logp @ counts - own) / (pool.numel() - 1)
         return own.mean() - negative.mean()
 
     def learning_loss(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -183,6 +185,30 @@ def fairllava_loss(ce: torch.Tensor, z: torch.Tensor, labels: Mapping[str, torch
         out[f"mi/{name}"], out[f"club/{name}"] = mi.detach(), club.detach()
     loss = w_ce * ce + lambda_fair * (penalty + w_club * fit)
     return {"loss": loss, "ce": ce.detach(), "mi_penalty": penalty.detach(), "club_fit": fit.detach(), **out}
+
+
+def probe_mi(z_fit: torch.Tensor, a_fit: torch.Tensor, z_eval: torch.Tensor, a_eval: torch.Tensor, num_classes: int,
+             l2: float = 1e-2, max_iter: int = 200, seed: int = 0) -> float:
+    """A CLUB estimate from a fresh linear q(a|z) fitted (L-BFGS, ridge ``l2`` on the weights) on
+    (``z_fit``, ``a_fit``) and evaluated on held-out (``z_eval``, ``a_eval``): the same measurement for
+    every model, whether or not it trained CLUB heads of its own. Labels -1 are skipped."""
+    keep = a_fit >= 0
+    z_fit, a_fit = z_fit[keep].float(), a_fit[keep].long()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        est = CLUBCategorical(z_fit.shape[1], num_classes)
+    opt = torch.optim.LBFGS(est.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = est.learning_loss(z_fit, a_fit) + l2 * est.q.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        return float(est.mi(z_eval.float(), a_eval.long()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from suite.data import DataFormatError
+
 from .questions import FINDINGS, questions_for_study
 from .synth import AGE_BANDS, ATTRIBUTES, age_band
 
@@ -48,13 +50,15 @@ IMAGE_TOKEN = "<image>"
 _MISSING = object()
 
 
-class RadiologyDataError(ValueError):
-    """Bad input: the message names the file, the field and the form expected."""
+class RadiologyDataError(DataFormatError):
+    """Bad input: the message names the file, the field and the form expected (the suite's
+    :class:`~suite.data.DataFormatError`, so callers catch one error type for every domain)."""
 
     def __init__(self, file: str | Path, field: str, expected: str, got: Any = _MISSING, where: str = "") -> None:
         at = f" ({where})" if where else ""
         seen = "" if got is _MISSING else f", got {got!r}"
-        super().__init__(f"{file}{at}: field '{field}': expected {expected}{seen}")
+        super().__init__(f"{file}{at}", field, f"expected {expected}{seen}")
+        self.path = str(file)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from domains.radiology_vqa.fairness import (
     gather_labels,
     group_balanced_weights,
     mid_layer,
+    probe_mi,
     sample_image_token,
 )
 
@@ -76,6 +77,37 @@ def test_club_tracks_closed_form_of_gaussian_channel(mu):
         assert abs(value) < 0.01
     else:
         assert value > _true_mi(mu) + 0.05  # an upper bound, and strictly above for a dependent pair
+
+
+@pytest.mark.parametrize("mu", [0.0, 1.0])
+def test_probe_mi_is_a_held_out_club_estimate(mu):
+    # the benchmark's probe: a fresh linear q fitted on one sample, scored on another. Without the
+    # ridge term it is the closed form mu^2 above; the ridge shrinks q, so the estimate is lower
+    # (never above it), still ~0 when independent.
+    g = torch.Generator().manual_seed(1)
+    z_fit, a_fit = _channel(mu, 4000, g)
+    z_eval, a_eval = _channel(mu, 50_000, g)
+    a_fit[:100] = -1  # unknown labels are skipped, not fitted as a class
+    plain = probe_mi(z_fit, a_fit, z_eval, a_eval, num_classes=2, l2=0.0)
+    assert abs(plain - mu**2) < 0.07  # q fitted on 4,000 samples: its weight errs by a few per cent
+    ridge = probe_mi(z_fit, a_fit, z_eval, a_eval, num_classes=2)
+    assert (abs(ridge) < 0.01) if mu == 0 else (0.5 * mu**2 < ridge < plain)
+    assert ridge == probe_mi(z_fit, a_fit, z_eval, a_eval, num_classes=2)  # seeded: the same number twice
+
+
+def test_estimator_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    est = CLUBCategorical(16, 3)
+    z, a = torch.nn.functional.normalize(torch.randn(64, 16), dim=-1), torch.randint(0, 3, (64,))
+    with torch.no_grad():
+        fp32 = est.mi(z, a)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = est.mi(z.bfloat16(), a)
+            logp = est.log_q(z)
+    assert logp.dtype == torch.float32
+    # z rounded to bf16 is the only difference (~3 significant digits of z, not of the MI)
+    torch.testing.assert_close(auto, est.mi(z.bfloat16().float(), a), rtol=0, atol=1e-6)
+    assert abs(float(auto - fp32)) < 2e-3
 
 
 def test_club_increases_with_dependence():
