@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ROOT / "docs" / "figures"
 MAX_FIGURE_BYTES = 200_000
+#: the kernel's matplotlib backend: figures become image outputs (Agg would draw them nowhere)
+INLINE = "module://matplotlib_inline.backend_inline"
 
 
 def notebook_meta(nb) -> dict:
@@ -89,7 +91,7 @@ def refresh(name: str, reuse: bool = False, timeout: int = 1800) -> Path:
     run = ROOT / "runs" / "notebooks" / name
     if not (reuse and run.exists()):
         run_commands(meta, run)
-    env = {meta["env"]: str(run), "MPLBACKEND": "Agg"}
+    env = {meta["env"]: str(run), "MPLBACKEND": INLINE}
     old = dict(os.environ)
     os.environ.update(env)
     try:

@@ -10,6 +10,7 @@ import nbformat
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
+INLINE = "module://matplotlib_inline.backend_inline"
 
 
 def run_notebook(name: str, env: dict[str, str] | None = None, timeout: int = 300) -> nbformat.NotebookNode:
@@ -22,7 +23,7 @@ def run_notebook(name: str, env: dict[str, str] | None = None, timeout: int = 30
     nb = nbformat.read(path, as_version=4)
     old = dict(os.environ)
     os.environ.update(env or {})
-    os.environ.setdefault("MPLBACKEND", "Agg")
+    os.environ["MPLBACKEND"] = INLINE  # figures become outputs (Agg would draw them nowhere)
     try:
         NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     finally:

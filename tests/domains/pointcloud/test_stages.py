@@ -15,7 +15,7 @@ from suite.cli import main as cli_main
 from suite.prerequisites import Prerequisite, cache_folder, linked_values, resolve, run_prerequisite
 from suite.stages import run_stages
 from tests.domains.pointcloud.test_model import TINY, TINY_DATA, data_dir, tiny_model  # noqa: F401 (fixture)
-from tests.notebooks import cell_outputs, run_notebook
+from tests.notebooks import assert_fresh, cell_outputs, run_notebook
 
 ROOT = Path(__file__).resolve().parents[3]
 VARIANTS = ["semi", "pruned", "full", "linear", "lora", "prompt"]
@@ -143,3 +143,4 @@ def test_pretrain_then_mcft_stages_predict_and_notebook(tmp_path, data_dir):
     nb = run_notebook("pointcloud.ipynb", env={"POINTCLOUD_RUN": str(runs / "mcft")})
     out = cell_outputs(nb)
     assert "val/acc" in out and "query accuracy" in out
+    assert_fresh("pointcloud.ipynb", nb)
