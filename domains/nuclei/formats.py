@@ -274,7 +274,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
             mode = im.mode
             if mode not in ("RGB", "RGBA", "P"):
                 raise _fail(path, "pixels", "an 8-bit RGB(A) image", f"PIL mode {mode}")
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))  # a writable copy (torch refuses read-only buffers)
     except NucleiFormatError:
         raise
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:  # truncated / corrupt files

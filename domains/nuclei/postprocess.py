@@ -13,7 +13,8 @@ its pixels (MONAI ``GenerateInstanceType``: background votes are ignored where p
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,22 @@ class PostProcessConfig:
     marker_threshold: float = 0.4  # border values above this are "uncertain", not marker
     marker_radius: int = 2  # opening of the markers (disk radius, px)
     use_boundary: bool = False  # BGMR: join the boundary probability to the HoVer border (see README)
+
+
+#: post-processing by objective magnification: HoVer-Net's settings for its 40x data (CoNSeP,
+#: PanNuke: Sobel 21, markers below 0.4), CellViT's for 20x (Sobel 11, markers below 0.5)
+BY_MAGNIFICATION = {
+    40: PostProcessConfig(sobel_kernel_size=21, marker_threshold=0.4),
+    20: PostProcessConfig(sobel_kernel_size=11, marker_threshold=0.5),
+}
+
+
+def config_for(magnification: int, overrides: dict[str, Any] | None = None) -> PostProcessConfig:
+    """The post-processing for data at ``magnification`` (40 or 20), with explicit ``overrides`` on top."""
+    if magnification not in BY_MAGNIFICATION:
+        raise ValueError(f"no post-processing for {magnification}x data: use one of {sorted(BY_MAGNIFICATION)} "
+                         "(data.init_args.magnification)")
+    return replace(BY_MAGNIFICATION[magnification], **(overrides or {}))
 
 
 def hovernet_instances(

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.io import savemat
+from scipy.io import loadmat, savemat
 
 from domains.nuclei.data import (
+    CONSEP_CONVENTIONS,
     NucleiData,
+    NucleiFormatError,
     dihedral,
     hover_maps,
     pannuke_maps,
@@ -102,25 +104,61 @@ def _write_consep(root, size=40):
     return rgba
 
 
-def test_consep_reader(tmp_path):
+def test_consep_reader_hovernet_convention_by_default(tmp_path):
     rgba = _write_consep(tmp_path / "Train")
     (img,) = read_consep(tmp_path / "Train")
     assert img.name == "train_1" and img.image.shape == (40, 40, 3)
     np.testing.assert_array_equal(img.image, rgba[..., :3])
-    assert img.type_map[4, 4] == 2 and img.type_map[33, 33] == 1 and img.type_map[14, 25] == 3
+    # HoVer-Net's merging: 2 inflammatory -> 2, 4 malignant epithelial -> 3 epithelial, 6 muscle -> 4 spindle-shaped
+    assert CONSEP_CONVENTIONS["hovernet"][0] == ("other", "inflammatory", "epithelial", "spindle-shaped")
+    assert img.type_map[4, 4] == 2 and img.type_map[33, 33] == 3 and img.type_map[14, 25] == 4
     assert set(np.unique(img.inst_map)) == {0, 1, 2, 3}
     tiles = tile_image(img.image, img.inst_map, img.type_map, size=32)
     assert len(tiles) == 4  # starts 0 and 8 in each direction cover 40 px
     assert all(t[1].max() == len(np.unique(t[1])) - 1 for t in tiles)  # relabelled 1..n per tile
 
 
+def test_consep_reader_pannuke_convention_is_explicit(tmp_path):
+    _write_consep(tmp_path / "Train")
+    (img,) = read_consep(tmp_path / "Train", convention="pannuke")
+    # malignant epithelial -> neoplastic (1), inflammatory (2), muscle -> connective (3)
+    assert img.type_map[4, 4] == 2 and img.type_map[33, 33] == 1 and img.type_map[14, 25] == 3
+    (custom,) = read_consep(tmp_path / "Train", mapping={2: 1, 4: 2, 6: 3, 1: 4, 3: 4, 5: 3, 7: 3})
+    assert custom.type_map[4, 4] == 1 and custom.type_map[33, 33] == 2
+    with pytest.raises(ValueError, match="convention must be one of"):
+        read_consep(tmp_path / "Train", convention="lizard")
+
+
+def test_consep_classes_come_from_type_map_with_a_warning_naming_file_and_ids(tmp_path):
+    _write_consep(tmp_path / "Train")
+    mat = loadmat(tmp_path / "Train" / "Labels" / "train_1.mat")
+    mat["inst_type"] = np.array([[2.0], [3.0], [6.0]])  # id 2 listed as healthy epithelial, type_map says 4
+    savemat(tmp_path / "Train" / "Labels" / "train_1.mat", {k: v for k, v in mat.items() if not k.startswith("__")})
+    with pytest.warns(UserWarning, match=r"train_1\.mat: inst_type disagrees .*instance ids \[2\]"):
+        (img,) = read_consep(tmp_path / "Train", convention="pannuke")
+    assert img.type_map[33, 33] == 1  # type_map's 4 (malignant) -> neoplastic, not inst_type's 3 -> epithelial
+
+
 def test_consep_reader_errors(tmp_path):
     _write_consep(tmp_path / "Train")
     savemat(tmp_path / "Train" / "Labels" / "train_1.mat", {"inst_map": np.zeros((40, 40))})
-    with pytest.raises(ValueError, match=r"train_1\.mat.*'type_map'"):
+    with pytest.raises(NucleiFormatError, match=r"train_1\.mat: field 'type_map'"):
+        read_consep(tmp_path / "Train")
+    inst = np.zeros((40, 40))
+    inst[2:8, 2:8] = 1
+    savemat(tmp_path / "Train" / "Labels" / "train_1.mat", {"inst_map": inst, "type_map": inst * 9})
+    with pytest.raises(NucleiFormatError, match=r"train_1\.mat: field 'type_map': expected CoNSeP types"):
         read_consep(tmp_path / "Train")
     with pytest.raises(FileNotFoundError, match="Images"):
         read_consep(tmp_path / "nowhere")
+
+
+def test_consep_datamodule_has_four_classes(tmp_path):
+    _write_consep(tmp_path / "Train", size=40)
+    dm = NucleiData(source="consep", path={"train": str(tmp_path / "Train"), "test": str(tmp_path / "Train")},
+                    tile_size=32, fractions={"train": 0.5, "val": 0.5})
+    assert dm.num_types == 4 and dm.class_names[3] == "spindle-shaped"
+    assert NucleiData().num_types == 5
 
 
 @pytest.fixture(scope="module")

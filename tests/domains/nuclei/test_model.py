@@ -215,6 +215,65 @@ def test_postprocess_recovers_instances_from_perfect_outputs():
     assert len(np.unique(with_boundary[with_boundary > 0])) == 4
 
 
+def test_without_stem_the_decoder_sees_sam_features_only():
+    model = NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16, adapter=None, hmf=False, bgmr=True, stem=False)
+    assert len(model.decoder.stem) == 0
+    x = torch.rand(1, 3, 64, 64) * 255
+    tokens = model.encode((x - model.pixel_mean) / model.pixel_std)
+    # the decoder's output depends on the image only through the tokens: any image with these tokens decodes alike
+    torch.testing.assert_close(model.decoder(tokens, x), model.decoder(tokens, torch.zeros_like(x)))
+    with_stem = NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16, adapter=None, hmf=False, bgmr=True)
+    assert not torch.allclose(with_stem.decoder(tokens, x), with_stem.decoder(tokens, torch.zeros_like(x)))
+
+
+def test_boundary_branch_is_multi_context():
+    from domains.nuclei.layers import BoundaryBranch
+
+    branch = BoundaryBranch(12)
+    assert [b[0].dilation for b in branch.branches] == [(1, 1), (2, 2), (4, 4)]
+    assert branch(torch.randn(2, 12, 20, 20)).shape == (2, 1, 20, 20)
+
+
+def test_postprocessing_follows_the_data_magnification():
+    model = NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16)
+    assert (model.post_config(40).sobel_kernel_size, model.post_config(40).marker_threshold) == (21, 0.4)  # HoVer-Net
+    assert (model.post_config(20).sobel_kernel_size, model.post_config(20).marker_threshold) == (11, 0.5)  # CellViT
+    tuned = NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16, postprocess={"marker_threshold": 0.3})
+    assert (tuned.post_config(40).sobel_kernel_size, tuned.post_config(40).marker_threshold) == (21, 0.3)
+    with pytest.raises(ValueError, match="no post-processing for 10x"):
+        model.post_config(10)
+    with pytest.raises(TypeError):
+        NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16, postprocess={"sobel": 3})
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_tiles_of_any_size_go_through_the_sliding_window(stride):
+    model = NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16, output_stride=stride).eval()
+    x = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        direct = model.infer(x)
+        big = model.infer(torch.cat([torch.cat([x, x], -1)] * 2, -2)[..., :100, :120])
+        small = model.infer(x[..., :40, :50])
+    assert big["nucleus_prediction"].shape == (1, 2, 100, 120) and small["type_prediction"].shape == (1, 6, 40, 50)
+    # one window exactly covering the tile is the plain forward pass
+    torch.testing.assert_close(direct["nucleus_prediction"], model(x)["nucleus_prediction"])
+    inst, types = model.predict_instances(big, 40)[0]
+    assert inst.shape == types.shape == (100, 120)
+
+
+def test_model_refuses_data_with_another_number_of_classes():
+    from types import SimpleNamespace
+
+    model = NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16, num_types=5)
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(num_types=4, class_names=("a", "b", "c", "d")))
+    with pytest.raises(ValueError, match="data has 4 nucleus classes .* --model.init_args.num_types 4"):
+        model.setup("fit")
+    four = NucleiSAM(encoder=TINY, img_size=64, decoder_dim=16, num_types=4)
+    four._trainer = model._trainer
+    four.setup("fit")
+    assert four.class_names == ("a", "b", "c", "d")
+
+
 def test_postprocess_is_the_same_inside_bf16_autocast():
     """Validation under bf16-mixed runs the watershed inside autocast; MONAI's torch steps must stay fp32."""
     from domains.nuclei.data import hover_maps

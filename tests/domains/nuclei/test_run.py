@@ -80,7 +80,39 @@ def test_predict_writes_overlays_and_maps_then_notebook(run):
     assert inst.shape == types.shape == (64, 64) and set(np.unique(types)) <= set(range(6))
     from PIL import Image
 
-    assert np.asarray(Image.open(overlays[0])).shape == (64, 64, 3)
+    from domains.nuclei.overlay import LEGEND_HEIGHT
+
+    assert np.asarray(Image.open(overlays[0])).shape == (64 + LEGEND_HEIGHT, 64, 3)  # the tile above its class legend
+    table = pd.read_csv(pred / "counts.csv")
+    assert len(table) == len(overlays) and list(table.columns[:3]) == ["tile", "nuclei", "neoplastic"]
+    first = table.set_index("tile").loc[overlays[0].name.replace("_overlay.png", "")]
+    assert first["nuclei"] == len(np.unique(inst[inst > 0])) == first.iloc[1:].sum()
     nb = run_notebook("nuclei.ipynb", env={"NUCLEI_RUN": str(root)})
     text = cell_outputs(nb)
     assert "val/bPQ" in text and "neoplastic" in text and "nuclei" in text
+
+
+def test_predict_on_a_folder_of_plain_tiles(run, tmp_path):
+    """Unlabelled PNG / JPG tiles of any size (here 64x64, 50x90 and 100x120) as the predict source."""
+    from PIL import Image
+
+    root, _ = run
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    fold = np.load(next((root / "data").rglob("images.npy")))
+    Image.fromarray(fold[0]).save(folder / "a.png")
+    Image.fromarray(np.concatenate([fold[1], fold[2]], 1)[:50, :90]).save(folder / "b.jpg", quality=90)  # wider than high
+    Image.fromarray(np.concatenate([np.concatenate([fold[2], fold[3]], 1)] * 2, 0)[:100, :120]).save(folder / "c.png")
+    (folder / "notes.txt").write_text("not an image")
+    main(["predict", *_args(root), "--ckpt_path", "last", "--data.init_args.predict_path", str(folder),
+          "--data.init_args.stain_normalize", "macenko"])
+    out = root / "predictions"
+    for name, shape in (("a", (64, 64)), ("b", (50, 90)), ("c", (100, 120))):
+        inst = np.load(out / f"{name}_inst.npy")
+        assert inst.shape == shape
+        picture = np.asarray(Image.open(out / f"{name}_overlay.png"))
+        assert picture.shape[:2] == (shape[0] + 18, shape[1])
+    a = np.asarray(Image.open(out / "a_overlay.png"))[:64]
+    untouched = np.load(out / "a_inst.npy") == 0  # off the contours the overlay shows the original tile, not the normalised one
+    np.testing.assert_array_equal(a[untouched], fold[0][untouched])
+    assert sorted(pd.read_csv(out / "counts.csv")["tile"]) == ["a", "b", "c"]
