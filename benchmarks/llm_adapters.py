@@ -55,7 +55,7 @@ every row, and the table's header prints the command it ran with. The committed 
 (``benchmarks/results/llm_adapters.md``) ran with::
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/llm_adapters.py --workers 1 --tasks facts --seeds 0 1 \\
-        --blocks 4 --fact-batch 8 --steps 50 --facts-per-kind 8 --real-items 120 --text-convs 60 --fixed-lr \\
+        --blocks 4 --fact-batch 8 --steps 40 --facts-per-kind 6 --real-items 60 --text-convs 24 --fixed-lr \\
         --rows runs/llm_adapters/rows.jsonl --out benchmarks/results/llm_adapters.md
 
 (one thread on a CPU shared with other jobs, < 40 min of wall clock). Runs go claim group by claim
@@ -100,6 +100,7 @@ SPLIT = 22  # blocks [SPLIT, 30) are adapted (the top 8); below them everything 
 RANK, ALPHA = 8, 16  # alpha / r = 2 for every rank (MiCA r=4 gets alpha 8)
 STEPS, FACT_BATCH, CHAT_BATCH, CHAT_LEN = 100, 16, 8, 64
 WARMUP, CLIP, CAL_BATCHES, AUX_WEIGHT = 5, 1.0, 4, 0.01
+MAX_NEW = 8  # greedy reply tokens for exact match: the invented answers are 2-5 SmolLM2 tokens, plus the end of turn
 CHAT_SYSTEM = "You are chatting with a friend."
 N_CHAT_TRAIN, N_CHAT_VAL, N_CHAT_TEST, N_TEXT = 800, 64, 128, 300
 TASKS = ("facts", "chat")
@@ -344,6 +345,7 @@ def prepare(seeds: list[int], tasks: list[str], steps: int, log: Callable[[str],
     if 0 < real_items < len(items):
         keep_idx = sorted(random.Random("real-items").sample(range(len(items)), real_items))
         items = [items[i] for i in keep_idx]
+    ctx.info["real_total_all"] = len(facts_mod.real_fact_mc())
     t = time.process_time()
     encs = E.option_encodings(tok, items, facts_mod.SYSTEM)
     cache(encs)
@@ -391,7 +393,8 @@ def prepare(seeds: list[int], tasks: list[str], steps: int, log: Callable[[str],
                 cache(group)
             ctx.facts[seed] = FactData(fs, train, val_items, val_encs, test_items, test_encs)
             mc = E.score_mc(split, test_items, test_encs, precision=ctx.precision)
-            answers = E.generate_answers(frozen, tok, [it.question for it in test_items], facts_mod.SYSTEM, precision=ctx.precision)
+            answers = E.generate_answers(frozen, tok, [it.question for it in test_items], facts_mod.SYSTEM,
+                                         max_new_tokens=MAX_NEW, precision=ctx.precision)
             per_seed.append((mc.accuracy, _em(answers, test_items)))
             log(f"facts seed {seed}: base model MC {mc.accuracy:.3f}, EM {per_seed[-1][1]:.3f} ({time.process_time() - t:.0f} CPU s)")
         base_rows["facts"].update(test_mc=statistics.mean(a for a, _ in per_seed), test_em=statistics.mean(b for _, b in per_seed))
@@ -511,13 +514,17 @@ def evaluate(ctx: Context, task: str, model: Any, split: E.SplitLM, seed: int) -
         fd = ctx.facts[seed]
         val = E.score_mc(split, fd.val_items, fd.val_encs, precision=p)
         test = E.score_mc(split, fd.test_items, fd.test_encs, precision=p)
-        answers = E.generate_answers(model, ctx.tokenizer, [it.question for it in fd.test_items], facts_mod.SYSTEM, precision=p)
+        answers = E.generate_answers(model, ctx.tokenizer, [it.question for it in fd.test_items], facts_mod.SYSTEM,
+                                     max_new_tokens=MAX_NEW, precision=p)
+        em = [int(E.exact_match(a, it.question.answer)) for a, it in zip(answers, fd.test_items)]
         out.update(val_mc=val.accuracy, val_gold=statistics.mean(val.gold_loglik), test_mc=test.accuracy,
-                   test_gold=statistics.mean(test.gold_loglik), test_em=_em(answers, fd.test_items))
+                   test_gold=statistics.mean(test.gold_loglik), test_em=_em(answers, fd.test_items),
+                   test_em_items=em, test_mc_items=[int(c) for c in test.correct], answers_sample=answers[:6])
     else:
         out.update(val_ppl=E.perplexity(*E.sequence_nll(split, ctx.chat_val, precision=p)),
                    test_ppl=E.perplexity(*E.sequence_nll(split, ctx.chat_test, precision=p)))
-    out["retention"] = E.score_mc(split, ctx.real_items, ctx.real_encs, precision=p).accuracy
+    real = E.score_mc(split, ctx.real_items, ctx.real_encs, precision=p)
+    out["retention"], out["retention_items"] = real.accuracy, [int(c) for c in real.correct]
     out["text_ppl"] = E.perplexity(*E.sequence_nll(split, ctx.text, precision=p))
     return out
 

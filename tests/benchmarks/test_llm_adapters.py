@@ -307,3 +307,71 @@ def test_runs_finish_whole_claim_groups_first():
     n = len(first_group) * 2
     assert {j[1] for j in jobs[:n]} == first_group and [j[3] for j in jobs[:n]] == [0] * 4 + [1] * 4
     assert {k for g in bench.GROUPS for k in g} == set(bench.METHODS)
+
+
+@pytest.mark.slow
+def test_one_run_trains_and_scores_end_to_end(tiny_lm, tokenizer, monkeypatch):
+    """``run`` on the tiny LM (bf16 autocast): losses recorded, the scores in range, and the model it
+    scores is the one it trained (validation log-likelihood of the gold answers rises)."""
+    fs = facts.fictitious_facts(n_countries=4, n_people=4, seed=0)
+    train = [lm_eval.chat_encoding(tokenizer, c["messages"]) for c in facts.training_conversations(fs)]
+    val, test = facts.fictitious_mc(fs, "val"), facts.fictitious_mc(fs, "test")
+    val_e, test_e = (lm_eval.option_encodings(tokenizer, x, facts.SYSTEM) for x in (val, test))
+    real = facts.real_fact_mc()[:8]
+    real_e = lm_eval.option_encodings(tokenizer, real, facts.SYSTEM)
+    text = [lm_eval.chat_encoding(tokenizer, c["messages"]) for c in facts.training_conversations(fs)[:4]]
+    import copy
+
+    base = copy.deepcopy(tiny_lm)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    split = lm_eval.SplitLM(base, 2)
+    for group in (train, val_e, test_e, real_e, text):
+        split.cache(group)
+    ctx = bench.Context(base, tokenizer, "bf16-mixed", steps=12, split=2, fact_batch=8)
+    ctx.facts[0] = bench.FactData(fs, train, val, val_e, test, test_e)
+    ctx.real_items, ctx.real_encs, ctx.text = real, real_e, text
+    monkeypatch.setattr(bench, "CTX", ctx)
+    before = lm_eval.score_mc(split, val, val_e)
+    row = bench.run(("facts", "lora", 1e-2, 0))
+    assert len(row["losses"]) == 12 and not row["diverged"] and row["losses"][-1] < row["losses"][0]
+    assert row["trainable"] == bench.RANK * sum(m.in_features + m.out_features for n, m in base.named_modules()
+                                                if isinstance(m, torch.nn.Linear) and ".layers.2." in n)
+    for k in ("val_mc", "test_mc", "test_em", "retention"):
+        assert 0.0 <= row[k] <= 1.0, k
+    assert row["val_gold"] > sum(before.gold_loglik) / len(before.gold_loglik)
+    assert math.isfinite(row["text_ppl"]) and row["step_s"] > 0
+
+
+def test_report_of_a_partial_run_marks_what_did_not_run():
+    """The table renders from the rows a run finished (fixed rates, two seeds) and says what is missing."""
+    import argparse
+    from types import SimpleNamespace
+
+    from benchmarks import llm_report as rep
+
+    args = argparse.Namespace(steps=8, seeds=[0, 1], methods=list(bench.METHODS), tasks=["facts"], workers=1, fixed_lr=True)
+    chosen = bench.fixed_lrs(args.tasks, args.methods)
+    rows = []
+    for k, em in (("lora", (0.1, 0.2)), ("mica8", (0.3, 0.5)), ("full", (0.4, 0.4))):
+        for s in (0, 1):
+            rows.append({"task": "facts", "method": k, "lr": chosen[("facts", k)], "seed": s, "steps": 8, "losses": [2.0 - 0.1 * i for i in range(8)],
+                         "trainable": 100 if k != "full" else 1000, "init_s": 0.1, "init_mb": 1.0, "step_s": 0.2, "train_mb": 5.0,
+                         "diverged": False, "val_mc": 0.5, "val_gold": -3.0, "test_mc": 0.5 + em[s] / 2, "test_gold": -2.0,
+                         "test_em": em[s], "retention": 0.9, "text_ppl": 20.0 + s, "eval_s": 1.0,
+                         "test_em_items": [1] * round(10 * em[s]) + [0] * (10 - round(10 * em[s]))})
+    info = {"split": 26, "fact_batch": 8, "per_kind": 8, "real_items": 100, "text_convs": 40, "precision": "bf16-mixed",
+            "precision_reason": "AMX", "source": "SmolLM2", "n_facts": 32, "fact_train": 128, "real_total": 100,
+            "real_kept": 60, "real_hash": "abc", "real_by_relation": {"capital": 60}, "prepare_s": 10.0,
+            "base": {"facts": {"test_em": 0.0, "test_mc": 0.3, "text_ppl": 19.0, "retention": 1.0}}}
+    text = rep.render(rows, chosen, SimpleNamespace(info=info), args, "cfg", wall=60.0, load=(1.0, 1.0))
+    assert "| MiCA r=8 | 100 | 2e-3 (2x LoRA's) |" in text
+    assert "CG-LoRA r=8, no shift (not run: the budget ran out)" in text
+    assert "MiCA r=8 − LoRA r=8, fact exact match on unseen paraphrases, points (MiCA r=8/LoRA = 2.67x" in text
+    # seeds: +20, +30 points (SD 7.07, SE 5.0 < 25 / 2); items: 20 differences, five +1 and fifteen 0 (SE 9.9 < 25 / 2)
+    se = math.sqrt(5 * 0.75**2 + 15 * 0.25**2) / math.sqrt(19) / math.sqrt(20) * 100
+    assert f"+25.0 ± 5.0 over 2 seeds, +25.0 ± {se:.1f} over 20 items: **holds**" in text
+    # MiCA r=8 − full: seeds -10, +10 points (mean 0, SE 10)
+    assert "MiCA r=8 − full fine-tuning, fact exact match, points: -0.0 ± 10.0 over 2 seeds" in text
+    assert "CG-LoRA claim, faster convergence" not in text or "not measured" in text
+    assert "2 seeds (0, 1) instead of 3" in text and "Task(s) not run: chat" in text
