@@ -122,7 +122,12 @@ def adapter_stack(model: nn.Module, branch: Literal["trained", "merged"] = "trai
     layers = parallel_adapters(model)
     if not layers:
         raise ValueError("the model has no AdaptFormer adapters; inject(model, AdaptFormer()) first")
-    return {f"{name}.{k}": t.detach().clone() for name, layer in layers for k, t in layer.tensors(branch).items()}
+    return {f"{name}.{k}": _full(t).detach().clone() for name, layer in layers for k, t in layer.tensors(branch).items()}
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of a parameter that FSDP2 shards (a DTensor); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 @torch.no_grad()
@@ -136,7 +141,12 @@ def load_adapter_stack(model: nn.Module, stack: dict[str, Tensor], branch: Liter
         raise ValueError(f"adapter stack does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
                          f"mis-shaped {misshaped[:4]}")
     for k, t in own.items():
-        t.copy_(stack[k].to(t))
+        value = stack[k].to(device=t.device, dtype=t.dtype)
+        if hasattr(t, "device_mesh"):  # a parameter sharded by FSDP2: copy in this rank's shard
+            from torch.distributed.tensor import distribute_tensor
+
+            value = distribute_tensor(value, t.device_mesh, t.placements)
+        t.copy_(value)
 
 
 def set_branch(model: nn.Module, branch: Branch) -> None:
@@ -173,10 +183,11 @@ class CosineClassifier(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
         nn.init.uniform_(self.weight, -1 / math.sqrt(in_features), 1 / math.sqrt(in_features))
+        # shape (1,), not a scalar: FSDP2's fully_shard refuses 0-d parameters
         if learn_scale:
-            self.scale = nn.Parameter(torch.tensor(float(scale)))
+            self.scale = nn.Parameter(torch.tensor([float(scale)]))
         else:  # a buffer, so a checkpoint (which drops frozen parameters) still holds it
-            self.register_buffer("scale", torch.tensor(float(scale)))
+            self.register_buffer("scale", torch.tensor([float(scale)]))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))

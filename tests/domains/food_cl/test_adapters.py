@@ -145,6 +145,7 @@ def test_cosine_and_prototype_classifiers():
     expected = 3.0 * torch.tensor([[1.0, 1 / math.sqrt(2)], [0.0, 1 / math.sqrt(2)]])
     torch.testing.assert_close(head(x), expected)
     assert head.scale.requires_grad and "scale" in dict(head.named_parameters())
+    assert head.scale.shape == (1,)  # not 0-d: FSDP2 shards no scalar parameter
     fixed = CosineClassifier(2, 2, learn_scale=False)
     assert "scale" in dict(fixed.named_buffers())
 
