@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from skimage.segmentation import find_boundaries
 from torch.utils.data import DataLoader, Dataset
 
-from suite.data import SuiteDataModule, cached, generated_dir, split_by_group
+from suite.checkpoint import ResumableDataLoader
+from suite.data import EpochSeededSampler, SuiteDataModule, cached, generated_dir, split_by_group
 
 from .augment import AugmentConfig, MacenkoNormalizer, Photometric, dihedral, zoom
 from .formats import (  # noqa: F401  (re-exported: the readers' public home is formats.py)
@@ -62,18 +63,34 @@ def hover_maps(inst_map: np.ndarray) -> np.ndarray:
     return np.asarray(ComputeHoVerMaps()(inst_map[None].astype(np.int64)), dtype=np.float32)
 
 
+class EpochTaggedSampler(EpochSeededSampler):
+    """:class:`~suite.data.EpochSeededSampler`'s order, each index tagged with its epoch (``epoch * n + i``).
+
+    :class:`NucleiTiles` seeds a tile's augmentation draws from (seed, epoch, tile), so a run
+    resumed inside an epoch (``ResumableDataLoader`` skips indices without loading them) and runs
+    with any number of workers or ranks augment every tile exactly as an uninterrupted run does.
+    """
+
+    def __iter__(self) -> Iterator[int]:
+        base = self.epoch * self.n
+        return (base + i for i in super().__iter__())
+
+
 class NucleiTiles(Dataset):
     """Tiles with HoVer-Net targets: image, inst/type maps, hv maps, instance contours, tissue, magnification.
 
     Training tiles (``augment``) get a flip / rotation, a zoom-in and the photometric set of
-    ``augment.py``; other splits can be stain-normalised (``normalizer``).
+    ``augment.py``, drawn from torch's RNG seeded by (``seed``, epoch, tile) for an index
+    ``epoch * len + tile`` (:class:`EpochTaggedSampler`); other splits can be stain-normalised
+    (``normalizer``).
     """
 
     def __init__(self, images: Callable[[int], np.ndarray], maps: Callable[[int], tuple[np.ndarray, np.ndarray]],
                  tissues: np.ndarray, ids: list[str], augment: bool = False, cache: bool = True, magnification: int = 40,
-                 augmentation: AugmentConfig | None = None, normalizer: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+                 augmentation: AugmentConfig | None = None, normalizer: Callable[[np.ndarray], np.ndarray] | None = None,
+                 seed: int = 0) -> None:
         self.images, self.maps, self.tissues, self.ids, self.augment = images, maps, tissues, ids, augment
-        self.cache, self.magnification, self.normalizer = cache, magnification, normalizer
+        self.cache, self.magnification, self.normalizer, self.seed = cache, magnification, normalizer, seed
         self.config = augmentation or AugmentConfig()
         self.photometric = Photometric(self.config) if augment else None
         self._targets: dict[int, tuple[np.ndarray, ...]] = {}
@@ -91,18 +108,14 @@ class NucleiTiles(Dataset):
             self._targets[i] = out
         return out
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        epoch, i = divmod(int(index), len(self))
         inst, types, hv = self.targets(i)
         image = np.array(self.images(i), dtype=np.uint8)  # a writable copy (memory-mapped files are read-only)
-        if self.augment:  # torch's RNG: seeded by seed_everything and per worker by Lightning
-            inst, types, hv, image = dihedral(int(torch.randint(8, ())), inst, types, hv, image)
-            c = self.config
-            if c.p_zoom > 0 and torch.rand(()) < c.p_zoom:
-                u = float(torch.rand(()))
-                s = float(np.exp(np.log(c.zoom[0]) + (np.log(c.zoom[1]) - np.log(c.zoom[0])) * u))
-                image, inst, types = zoom(image, inst, types, s, *torch.rand(2).tolist())
-                hv = hover_maps(inst)
-            image = self.photometric(image)
+        if self.augment:
+            with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
+                torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
+                inst, types, hv, image = self._augment(inst, types, hv, image)
         elif self.normalizer is not None:
             image = self.normalizer(image)
         boundary = find_boundaries(inst, mode="inner")
@@ -116,6 +129,16 @@ class NucleiTiles(Dataset):
             "magnification": self.magnification,
             "index": i,
         }
+
+    def _augment(self, inst: np.ndarray, types: np.ndarray, hv: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, ...]:
+        inst, types, hv, image = dihedral(int(torch.randint(8, ())), inst, types, hv, image)
+        c = self.config
+        if c.p_zoom > 0 and torch.rand(()) < c.p_zoom:
+            u = float(torch.rand(()))
+            s = float(np.exp(np.log(c.zoom[0]) + (np.log(c.zoom[1]) - np.log(c.zoom[0])) * u))
+            image, inst, types = zoom(image, inst, types, s, *torch.rand(2).tolist())
+            hv = hover_maps(inst)
+        return inst, types, hv, self.photometric(image)
 
 
 class ImageFolderTiles(Dataset):
@@ -254,6 +277,7 @@ class NucleiData(SuiteDataModule):
             ids=[f"{fold.root.name}:{j}" for j in idx],
             augment=self.augment and name == "train",
             cache=self.cache_targets,
+            seed=self.seed,
             magnification=self.magnification or fold.magnification,
             augmentation=self.augmentation,
             normalizer=None if name == "train" else self.normalizer(),
@@ -312,10 +336,17 @@ class NucleiData(SuiteDataModule):
                 ids=[f"{t[0]}:{k}" for k, t in enumerate(tiles)],
                 augment=self.augment and name == "train",
                 cache=self.cache_targets,
+                seed=self.seed,
                 magnification=self.magnification or SOURCE_MAGNIFICATION["consep"],
                 augmentation=self.augmentation,
                 normalizer=None if name == "train" else self.normalizer(),
             ))
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled as every suite training loader (resumable inside an epoch), indices tagged with their epoch."""
+        ds = self._split("train")
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=EpochTaggedSampler(len(ds), self.seed),
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def predict_dataloader(self) -> DataLoader:
         if "predict" in self.splits:  # tiles of any size: one per batch

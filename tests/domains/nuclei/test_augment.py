@@ -112,3 +112,37 @@ def test_stain_order_puts_haematoxylin_first():
     he = np.stack([E_OD, H_OD], 1)  # (3, 2) columns E, H: the order MONAI 1.6 returns on H&E
     np.testing.assert_array_equal(order_stains(he), np.stack([H_OD, E_OD], 1))
     np.testing.assert_array_equal(order_stains(np.stack([H_OD, E_OD], 1)), np.stack([H_OD, E_OD], 1))
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_tile_so_a_resumed_epoch_sees_the_same_batches():
+    """ResumableDataLoader skips indices without loading them: the draws must not depend on what came before."""
+    from domains.nuclei.data import EpochTaggedSampler
+    from suite.checkpoint import ResumableDataLoader
+
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (6, 32, 32, 3)).astype(np.uint8)
+    inst = np.zeros((32, 32), np.int32)
+    inst[4:12, 5:14], inst[18:28, 16:25] = 1, 2
+    ds = NucleiTiles(lambda i: images[i], lambda i: (inst, np.where(inst > 0, 1, 0)), np.zeros(6, int),
+                     [str(i) for i in range(6)], augment=True, seed=7)
+    torch.manual_seed(0)
+    first = ds[8]["image"]
+    state = torch.get_rng_state()
+    torch.manual_seed(123)
+    torch.testing.assert_close(ds[8]["image"], first)  # whatever the global RNG holds
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(123).get_state())  # and it is left alone
+    assert ds[8]["index"] == 2 and not torch.equal(ds[2]["image"], first)  # epoch 1 of tile 2 is not epoch 0's
+
+    def loader() -> ResumableDataLoader:
+        out = ResumableDataLoader(ds, batch_size=2, sampler=EpochTaggedSampler(len(ds), seed=7))
+        out.sampler.set_epoch(1)
+        return out
+
+    straight = [b["image"] for b in loader()]
+    resumed = loader()
+    resumed.load_state_dict({"batches_yielded": 1})
+    torch.set_rng_state(state)
+    rest = [b["image"] for b in resumed]
+    assert len(rest) == 2
+    for a, b in zip(straight[1:], rest):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
