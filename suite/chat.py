@@ -18,15 +18,25 @@ Conversations longer than ``max_length`` lose whole earliest exchanges (a user t
 next one; the system turn stays), never part of a turn; the datasets count and log them.
 The fallback tokenizer is a byte-level BPE (exact round trip of any text) trained once with the
 ``tokenizers`` library on the corpus the caller gives, cached under ``data/generated/tokenizers``.
+
+A chat you can talk to, for any model a run trained (see :func:`main`)::
+
+    python -m suite.chat --ckpt runs/dialogue/checkpoints/last.ckpt       # or a saved adapter folder
+    echo "I have had a fever for two days" | python -m suite.chat --ckpt runs/dialogue/adapter
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import hashlib
+import importlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -131,7 +141,13 @@ class ChatEncoding:
 
 
 def check_messages(messages: Any, where: str = "messages", need_reply: bool = True) -> list[Message]:
-    """Validate a conversation: role/content dicts, system first if at all, a user turn before any reply."""
+    """Validate a conversation: role/content dicts, system first if at all, a user turn before any reply.
+
+    An assistant message may carry the OpenAI fine-tuning ``weight`` (0 or 1): weight 0 keeps the
+    turn as context but leaves it out of the loss (see :func:`encode_chat`); it is kept in the
+    returned messages (chat templates ignore the extra key). ``need_reply``: at least one assistant
+    turn with weight 1.
+    """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(f"{where}: expected a non-empty list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
     out = []
@@ -140,17 +156,30 @@ def check_messages(messages: Any, where: str = "messages", need_reply: bool = Tr
             raise ValueError(f"{where}[{i}]: expected {{'role': one of {ROLES}, 'content': str}}, got {m!r:.120}")
         if m["role"] == "system" and i:
             raise ValueError(f"{where}[{i}]: a system message may only come first")
-        out.append({"role": m["role"], "content": m["content"]})
+        msg = {"role": m["role"], "content": m["content"]}
+        if "weight" in m:
+            w = m["weight"]
+            if m["role"] != "assistant" or isinstance(w, bool) or w not in (0, 1):
+                raise ValueError(f"{where}[{i}]: field 'weight': expected 0 or 1 on an assistant message, got {w!r} on a {m['role']} message")
+            msg["weight"] = int(w)
+        out.append(msg)
     first = 1 if out[0]["role"] == "system" else 0
     if first >= len(out) or out[first]["role"] != "user":
         raise ValueError(f"{where}: the first message after the system prompt must be a user turn")
-    if need_reply and not any(m["role"] == "assistant" for m in out):
-        raise ValueError(f"{where}: no assistant turn to train on")
+    if need_reply and not any(_trained(m) for m in out):
+        has_reply = any(m["role"] == "assistant" for m in out)
+        raise ValueError(f"{where}: no assistant turn to train on" + (" (every one has weight 0)" if has_reply else ""))
     return out
 
 
+def _trained(m: Message) -> bool:
+    """An assistant message that is part of the loss (weight 1, the default)."""
+    return m["role"] == "assistant" and m.get("weight", 1) != 0
+
+
 def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # the template sees no loss weights
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def _pieces(tokenizer: Any, messages: list[Message]) -> list[tuple[str, bool]]:
@@ -167,7 +196,7 @@ def _pieces(tokenizer: Any, messages: list[Message]) -> list[tuple[str, bool]]:
                 f"the chat template of {type(tokenizer).__name__} does not render assistant message {i} as "
                 f"'<generation prompt><content>{eot}': cannot find which tokens to train on"
             )
-        pieces += [(full[pos : len(prefix)], False), (reply, True)]
+        pieces += [(full[pos : len(prefix)], False), (reply, _trained(m))]
         pos = len(prefix) + len(reply)
     pieces.append((full[pos:], False))
     return [(t, is_reply) for t, is_reply in pieces if t]
@@ -191,13 +220,14 @@ def _drop_first_exchange(messages: list[Message], keep_last_user: bool) -> tuple
         return None
     cut = users_after[0]
     rest = messages[:first] + messages[cut:]
-    if not keep_last_user and not any(m["role"] == "assistant" for m in rest):
+    if not keep_last_user and not any(_trained(m) for m in rest):
         return None
     return rest, cut - first
 
 
 def encode_chat(tokenizer: Any, messages: Sequence[Message], max_length: int | None = None) -> ChatEncoding:
-    """Tokens of a whole conversation with labels on the assistant turns (+ end of turn) only."""
+    """Tokens of a whole conversation with labels on the assistant turns (+ end of turn) only;
+    an assistant turn with ``weight: 0`` (OpenAI fine-tuning format) stays in the input, unlabelled."""
     msgs = check_messages(list(messages))
     dropped = 0
     while True:
@@ -379,3 +409,225 @@ class ChatCollator:
         allowed |= torch.eye(n, dtype=torch.bool)  # padding attends to itself only (no empty softmax rows)
         mask = torch.zeros(len(rows), 1, n, n).masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": pos, "sequence_ids": seq}
+
+
+# --- a chat you can talk to -------------------------------------------------------------------
+CHAT_HELP = ("commands: /context <text> sets the context the model is given (no text clears it), /lang <code> "
+             "switches language, /reset starts over, /help, /quit")
+MODEL_CARD = "model.json"  # beside a save_adapters folder: the model class and its arguments
+
+
+def load_chat_model(path: str | Path) -> Any:
+    """The model a suite checkpoint or a saved adapter folder holds, rebuilt from what it says alone.
+
+    * a Lightning checkpoint (``last.ckpt``): :func:`suite.module.rebuild_stage` (class and
+      hyperparameters from the file, ``backbone: auto`` as it was resolved when trained);
+    * a folder with ``adapters.safetensors`` + ``adapters.json`` (:func:`suite.adapters.save_adapters`)
+      and ``model.json`` (``{"class_path", "init_args"}``): the class is built from ``init_args`` with
+      ``init_from`` set to the folder, which loads the adapters.
+
+    The model must expose its causal LM as ``lm`` and its chat tokenizer as ``tokenizer``; it may offer
+    ``chat_system_prompt(context, language)``, ``chat_languages`` and ``chat_max_new_tokens`` (see
+    :class:`ChatSession`). Nothing else about the domain is assumed.
+    """
+    from suite.module import AdaptedModule, rebuild_stage
+
+    path = Path(path)
+    if path.is_dir():
+        card = path / MODEL_CARD
+        if not card.is_file():
+            raise FileNotFoundError(f"{card} not found: an adapter folder to chat with holds adapters.safetensors, "
+                                    f"adapters.json and {MODEL_CARD} ({{'class_path', 'init_args'}}), or pass a .ckpt file")
+        cfg = json.loads(card.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("class_path"), str) or not isinstance(cfg.get("init_args"), dict):
+            raise ValueError(f"{card}: expected {{'class_path': 'package.module.Class', 'init_args': {{...}}}}")
+        module_name, _, name = cfg["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module_name), name)
+        if not (isinstance(cls, type) and issubclass(cls, AdaptedModule)):
+            raise TypeError(f"{card}: field 'class_path': {cfg['class_path']} is not a suite AdaptedModule")
+        model = cls(**{**cfg["init_args"], "init_from": str(path)})
+    elif path.is_file():
+        model = rebuild_stage(path)
+    else:
+        raise FileNotFoundError(f"--ckpt {path}: neither a checkpoint file nor an adapter folder")
+    for attr in ("lm", "tokenizer"):
+        if getattr(model, attr, None) is None:
+            raise TypeError(f"{type(model).__name__} has no `{attr}`: suite.chat talks to models that expose their causal "
+                            "LM as `lm` and its chat tokenizer as `tokenizer`")
+    return model.eval()
+
+
+class ChatSession:
+    """One conversation with a model: the system turn comes from the model's hook, replies stream.
+
+    ``model.chat_system_prompt(context, language)`` (optional) turns the ``/context`` text and the
+    language into the system turn (a domain serialises its own context there, e.g. a patient's
+    pre-context); without it there is no system turn and ``/context`` is refused. ``/lang`` is checked
+    against ``model.chat_languages`` when the model lists them. Changing either rewrites the system
+    turn of the conversation so far; ``/reset`` starts over with the same settings. Extra keyword
+    arguments go to :func:`suite.generation.generate` (``max_new_tokens``, ``do_sample``, ...).
+    """
+
+    def __init__(self, model: Any, language: str | None = None, context: str | None = None,
+                 autocast: torch.dtype | None = None, **generate_kwargs: Any) -> None:
+        self.model, self.autocast = model, autocast
+        self.hook = getattr(model, "chat_system_prompt", None)
+        self.languages = tuple(getattr(model, "chat_languages", ()) or ())
+        self.language = language if language is not None else (self.languages[0] if self.languages else None)
+        self.generate_kwargs = {"max_new_tokens": getattr(model, "chat_max_new_tokens", 256), **generate_kwargs}
+        self.context: str | None = None
+        self.messages: list[Message] = []
+        if self.language is not None:
+            self.set_language(self.language)
+        if context:
+            self.set_context(context)
+        self.reset()
+
+    def system(self) -> str | None:
+        return self.hook(self.context, self.language) if self.hook is not None else None
+
+    def reset(self) -> None:
+        system = self.system()
+        self.messages = [{"role": "system", "content": system}] if system else []
+
+    def _resystem(self) -> None:
+        system, rest = self.system(), [m for m in self.messages if m["role"] != "system"]
+        self.messages = ([{"role": "system", "content": system}] if system else []) + rest
+
+    def set_language(self, language: str) -> None:
+        if self.languages and language not in self.languages:
+            raise ValueError(f"language {language!r} is not one of this model's {list(self.languages)}")
+        self.language = language
+        self._resystem()
+
+    def set_context(self, text: str | None) -> None:
+        if self.hook is None and text:
+            raise ValueError(f"{type(self.model).__name__} takes no context (it has no chat_system_prompt)")
+        old, self.context = self.context, (text or None)
+        try:
+            self._resystem()  # the hook validates the text
+        except ValueError:
+            self.context = old
+            raise
+
+    def reply(self, text: str, write: Callable[[str], None]) -> str:
+        """Add a user turn, stream the model's reply to ``write`` and return it."""
+        from suite.generation import chat_reply
+
+        self.messages.append({"role": "user", "content": text})
+        amp = torch.autocast("cpu", dtype=self.autocast) if self.autocast is not None else contextlib.nullcontext()
+        try:
+            with amp:
+                reply = chat_reply(self.model.lm, self.model.tokenizer, self.messages,
+                                   max_prompt_length=getattr(self.model, "max_length", None), on_text=write,
+                                   **self.generate_kwargs)
+        except Exception:
+            self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    def handle(self, line: str, write: Callable[[str], None]) -> bool:
+        """One line typed by the user: a command or a turn. False once the user quits."""
+        line = line.strip()
+        if not line:
+            return True
+        command, _, arg = line.partition(" ")
+        try:
+            if command in ("/quit", "/exit"):
+                return False
+            if command == "/help":
+                write(CHAT_HELP + "\n")
+            elif command == "/reset":
+                self.reset()
+                write("(conversation reset)\n")
+            elif command == "/lang":
+                if not arg.strip():
+                    write(f"(language: {self.language}; choose from {list(self.languages) or 'any'})\n")
+                else:
+                    self.set_language(arg.strip())
+                    write(f"(language: {self.language})\n")
+            elif command == "/context":
+                self.set_context(arg.strip() or None)
+                write(f"(context: {self.context or 'none'})\n" + (f"{self.messages[0]['content']}\n" if self.messages and self.messages[0]["role"] == "system" else ""))
+            elif command.startswith("/"):
+                write(f"unknown command {command}; {CHAT_HELP}\n")
+            else:
+                self.reply(line, write)
+                write("\n")
+        except ValueError as err:
+            write(f"error: {err}\n")
+        return True
+
+    def run(self, read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> list[Message]:
+        """Read lines until ``/quit`` or end of input; return the conversation."""
+        write = write or _stdout
+        while True:
+            try:
+                line = read("> ")
+            except (EOFError, KeyboardInterrupt):
+                write("\n")
+                break
+            if not self.handle(line, write):
+                break
+        return self.messages
+
+
+def _stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m suite.chat --ckpt <last.ckpt | adapter folder>``: a multi-turn chat in the terminal.
+
+    On a terminal: type turns; ``/context``, ``/lang``, ``/reset``, ``/help``, ``/quit``. Through a pipe
+    (stdin not a terminal): all of stdin is one user turn, the reply goes to stdout, and it exits.
+    """
+    ap = argparse.ArgumentParser(prog="python -m suite.chat", description=main.__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="a suite checkpoint (runs/<domain>/checkpoints/last.ckpt) or an adapter folder")
+    ap.add_argument("--lang", default=None, help="language of the conversation (the model's chat_languages)")
+    ap.add_argument("--context", default=None, help="context text given to the model's system turn (as /context)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="longest reply (default: the model's chat_max_new_tokens)")
+    ap.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    ap.add_argument("--precision", choices=["auto", "bf16", "32"], default="auto",
+                    help="auto: bf16 autocast where the CPU has native bf16 (suite.precision), else fp32")
+    args = ap.parse_args(argv)
+    from suite.precision import choose_precision, is_bf16
+
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        model = load_chat_model(args.ckpt)
+        precision = choose_precision("cpu")[0] if args.precision == "auto" else args.precision
+        kwargs: dict[str, Any] = {"autocast": torch.bfloat16 if is_bf16(precision) else None}
+        if args.max_new_tokens is not None:
+            kwargs["max_new_tokens"] = args.max_new_tokens
+        if args.sample:
+            kwargs.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        session = ChatSession(model, language=args.lang, context=args.context, **kwargs)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"python -m suite.chat: {err}", file=sys.stderr)
+        return 2
+    if not sys.stdin.isatty():  # a pipe: one turn for scripting
+        text = sys.stdin.read().strip()
+        if not text:
+            print("python -m suite.chat: nothing on stdin to answer", file=sys.stderr)
+            return 2
+        session.reply(text, _stdout)
+        _stdout("\n")
+        return 0
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    desc = getattr(model, "chat_description", None) or type(model).__name__
+    print(f"{desc}; language {session.language}. {CHAT_HELP}", file=sys.stderr)
+    session.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -203,3 +203,74 @@ def test_packed_batch_gives_the_unpacked_per_token_losses(bpe, attn):
     padded = ChatCollator(bpe.pad_token_id)(list(ds))
     ref = lm(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], labels=padded["labels"])
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_zero_assistant_turns_are_context_not_targets(bpe):
+    """OpenAI fine-tuning's ``weight: 0`` keeps a reply in the input and out of the loss."""
+    weighted = [dict(m) for m in CONVERSATION]
+    weighted[2]["weight"] = 0
+    plain, enc = encode_chat(bpe, CONVERSATION), encode_chat(bpe, weighted)
+    assert enc.input_ids == plain.input_ids  # the turn is still there as context
+    runs = [bpe.decode(r) for r in _runs(enc.labels)]
+    assert runs == [CONVERSATION[4]["content"] + "<|im_end|>"]  # only the weight-1 reply is labelled
+    # exactly the tokens of the weight-0 reply lost their labels
+    changed = [i for i, (a, b) in enumerate(zip(plain.labels, enc.labels)) if a != b]
+    assert bpe.decode([plain.input_ids[i] for i in changed]) == CONVERSATION[2]["content"] + "<|im_end|>"
+    weighted[4]["weight"] = 1
+    assert encode_chat(bpe, weighted).labels == enc.labels
+    weighted[4]["weight"] = 0
+    with pytest.raises(ValueError, match=r"no assistant turn to train on \(every one has weight 0\)"):
+        encode_chat(bpe, weighted)
+    assert encode_prompt(bpe, weighted[:4]).input_ids == encode_prompt(bpe, CONVERSATION[:4]).input_ids
+    for bad in ({"role": "user", "content": "hi", "weight": 0}, {"role": "assistant", "content": "x", "weight": 0.5}):
+        with pytest.raises(ValueError, match="field 'weight': expected 0 or 1 on an assistant message"):
+            encode_chat(bpe, [CONVERSATION[1], bad] if bad["role"] == "assistant" else [bad, CONVERSATION[2]])
+    # truncation keeps dropping earliest exchanges while a weight-1 reply remains
+    cut = encode_chat(bpe, weighted[:4] + [CONVERSATION[4]], max_length=len(plain) - 1)
+    assert cut.turns_dropped == 2 and _runs(cut.labels)
+
+
+class _Lm:
+    """A stand-in chat model: the tiny LM, the fallback tokenizer and a system-prompt hook."""
+
+    chat_languages = ("en", "de")
+    chat_max_new_tokens = 6
+
+    def __init__(self, tok):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.lm = build_causal_lm("tiny", vocab_size=len(tok)).eval()
+        self.tokenizer = tok
+
+    def chat_system_prompt(self, context, language):
+        if context == "bad":
+            raise ValueError("context: unknown key 'bad'")
+        return f"[{language}] " + (f"context: {context}" if context else "no context")
+
+
+def test_chat_session_commands_stream_and_keep_the_conversation(bpe):
+    from suite.chat import ChatSession
+    from suite.generation import chat_reply
+
+    model = _Lm(bpe)
+    sampling = dict(do_sample=True, seed=3, temperature=1.0, top_k=0, top_p=1.0)  # the random tiny LM's greedy text is only newlines
+    session = ChatSession(model, context="age=40", **sampling)
+    assert session.messages == [{"role": "system", "content": "[en] context: age=40"}]
+    pieces: list[str] = []
+    lines = iter(["I have a fever.", "/lang de", "/context bad", "/lang xx", "And a cough.", "/reset", "/context", "/quit", "never read"])
+    session.run(read=lambda prompt: next(lines), write=pieces.append)
+    out = "".join(pieces)
+    assert "(language: de)" in out and "error: context: unknown key 'bad'" in out and "not one of this model's ['en', 'de']" in out
+    assert "(conversation reset)" in out and "(context: none)" in out
+    assert session.messages == [{"role": "system", "content": "[de] no context"}]  # reset, then the context cleared
+    # the replies were streamed and are the model's greedy replies to the conversation as it stood
+    first = chat_reply(model.lm, bpe, [{"role": "system", "content": "[en] context: age=40"},
+                                       {"role": "user", "content": "I have a fever."}], max_new_tokens=6, **sampling)
+    second = chat_reply(model.lm, bpe, [{"role": "system", "content": "[de] context: age=40"},
+                                        {"role": "user", "content": "I have a fever."}, {"role": "assistant", "content": first},
+                                        {"role": "user", "content": "And a cough."}], max_new_tokens=6, **sampling)
+    assert first.strip() and second.strip()
+    assert out == (f"{first}\n(language: de)\nerror: context: unknown key 'bad'\n"
+                   f"error: language 'xx' is not one of this model's ['en', 'de']\n{second}\n"
+                   "(conversation reset)\n(context: none)\n[de] no context\n")
+    assert len(pieces) > 8  # text came piece by piece, not as one write per reply
