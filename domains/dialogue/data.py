@@ -44,9 +44,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset
 
-from suite.data import EpochSeededSampler, SuiteDataModule, cached, file_hash, generated_dir, split_by_group
+from suite.chat import ChatCollator, ConversationTooLong, encode_chat
+from suite.data import DataFormatError, EpochSeededSampler, SuiteDataModule, cached, file_hash, generated_dir, split_by_group
 
 from .kb import FIELD_LEXICON, LANGUAGES, PRE_CONTEXT_FIELDS, KnowledgeBase, load_kb
 from .synth import GENERATOR_VERSION, generate_medaid_json
@@ -61,13 +63,14 @@ ROLES = {"patient": "user", "doctor": "assistant"}
 PRE_CONTEXT_MODES = ("given", "asked", "blind")
 
 
-class DialogueFormatError(ValueError):
-    """A dialogue file does not follow its layout: says which file, record and field, and the expected form."""
+class DialogueFormatError(DataFormatError):
+    """A dialogue file does not follow its layout: says which file, record and field, and the expected form
+    (the suite's one reader error, :class:`suite.data.DataFormatError`, with the record named too)."""
 
     def __init__(self, file: str | Path, where: str, field: str, expected: str, got: Any = None) -> None:
         got_s = "" if got is None else f", got {_short(got)}"
-        super().__init__(f"{file}: {where}: field '{field}': expected {expected}{got_s}")
-        self.file, self.where, self.field, self.expected = str(file), where, field, expected
+        ValueError.__init__(self, f"{file}: {where}: field '{field}': expected {expected}{got_s}")
+        self.path, self.file, self.where, self.field, self.expected = str(file), str(file), where, field, expected
 
 
 def _short(v: Any, n: int = 80) -> str:
@@ -391,6 +394,57 @@ def system_prompt(pre_context: dict[str, Any] | None, language: str, kb: Knowled
     return kb.block(lang)["system"] + ("\n" + block if block else "")
 
 
+#: the keys a typed pre-context may use, and the field each names
+_CONTEXT_KEYS = {"age": "age", "sex": "sex", "gender": "sex", "allergies": "allergies", "allergy": "allergies",
+                 "chronic_conditions": "chronic_conditions", "conditions": "chronic_conditions",
+                 "medications": "medications", "medicines": "medications", "meds": "medications"}
+
+
+def parse_pre_context_text(text: str, kb: KnowledgeBase | None = None) -> dict[str, Any]:
+    """A pre-context typed by a person (the chat's ``/context``): a JSON object, or
+    ``age=54; sex=male; allergies=penicillin, aspirin; medications=warfarin; conditions=asthma``.
+
+    List entries are matched to the knowledge base by any of their names in any language (so they
+    serialise in the chat's language); unknown entries are kept as written; ``none`` is an empty list.
+    """
+    kb = kb or load_kb()
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"context: not valid JSON ({err.msg})") from None
+        if not isinstance(raw, dict):
+            raise ValueError("context: expected a JSON object")
+        pairs = [(str(k), v) for k, v in raw.items()]
+    else:
+        pairs = []
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            key, eq, value = part.partition("=")
+            if not eq:
+                key, eq, value = part.partition(":")
+            if not eq:
+                raise ValueError(f"context: expected key=value parts separated by ';' (keys {sorted(set(_CONTEXT_KEYS.values()))}), got {part!r}")
+            pairs.append((key.strip(), value.strip()))
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        fld = _CONTEXT_KEYS.get(key.strip().casefold().replace(" ", "_"))
+        if fld is None:
+            raise ValueError(f"context: unknown key {key!r}; use {sorted(set(_CONTEXT_KEYS.values()))}")
+        if fld == "age":
+            try:
+                out["age"] = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"context: age must be a whole number of years, got {value!r}") from None
+        elif fld == "sex":
+            out["sex"] = str(value).strip().casefold()
+        else:
+            items = value if isinstance(value, list) else [v.strip() for v in str(value).split(",")]
+            items = [str(v).strip() for v in items if str(v).strip() and str(v).strip().casefold() not in ("none", "no", "-")]
+            out[fld] = [kb.lookup(FIELD_LEXICON[fld], v) or v for v in items]
+    return _Checker(Path("<context>"), "typed pre-context").pre_context(out)
+
+
 def to_messages(d: Dialogue, mode: str = "given", kb: KnowledgeBase | None = None) -> list[dict[str, Any]]:
     """Chat messages of a dialogue. ``mode``: ``given`` (pre-context in the system turn), ``asked``
     (no pre-context; the turns in which the doctor asks for it, where the file has them) or
@@ -502,6 +556,37 @@ def collate_dialogues(items: list[dict[str, Any]]) -> dict[str, list]:
     return {"messages": [it["messages"] for it in items], "meta": [it["meta"] for it in items]}
 
 
+class ChatBatcher:
+    """The collate function once a model's tokenizer is known (:meth:`DialogueData.use_tokenizer`).
+
+    Tokenises each item as it is drawn, because pre-context dropout changes an item's messages from
+    one epoch to the next: ``suite.chat.encode_chat`` (labels on doctor turns only; a conversation
+    longer than ``max_length`` loses whole earliest exchanges, counted per item in
+    ``turns_dropped``), then ``ChatCollator`` (right padding). The raw ``messages`` and ``meta``
+    stay in the batch for generation-based metrics. A picklable object, so loader workers can use it.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int | None = None) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.collator = ChatCollator(tokenizer.pad_token_id)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        encoded, dropped = [], []
+        for it in items:
+            try:
+                enc = encode_chat(self.tokenizer, it["messages"], self.max_length)
+            except ConversationTooLong as err:
+                raise ConversationTooLong(
+                    f"dialogue {it['meta']['item_id']}: {err}; raise model.init_args.max_length or keep fewer / "
+                    "shorter languages (data.init_args.languages)") from None
+            encoded.append({"input_ids": enc.input_ids, "labels": enc.labels})
+            dropped.append(enc.turns_dropped)
+        batch = self.collator(encoded)
+        batch.update(messages=[it["messages"] for it in items], meta=[it["meta"] for it in items],
+                     turns_dropped=torch.tensor(dropped))
+        return batch
+
+
 # --------------------------------------------------------------------------------------------
 class DialogueData(SuiteDataModule):
     """Multilingual doctor-patient dialogues for MedAidLM.
@@ -530,8 +615,9 @@ class DialogueData(SuiteDataModule):
     and the eval modes apply only to the JSON sources, whose pre-context is structured.
     """
 
-    #: Tokenisation plugs in here: set to suite.chat's collator (messages -> input_ids, attention
-    #: mask and labels that are -100 except on assistant turns). Until then batches are raw lists.
+    #: Tokenisation plugs in here: :meth:`use_tokenizer` sets a :class:`ChatBatcher` (messages ->
+    #: input_ids, attention mask and labels that are -100 except on doctor turns). Until then
+    #: batches are raw lists.
     collate_fn: Callable[[list[dict[str, Any]]], Any] = staticmethod(collate_dialogues)
 
     def __init__(
@@ -575,6 +661,10 @@ class DialogueData(SuiteDataModule):
         self.heldout_language = heldout_language
         self.kb = load_kb()
         self.data_files: dict[str, str] = {}
+
+    def use_tokenizer(self, tokenizer: Any, max_length: int | None = None) -> None:
+        """Batches from now on are tokenised with the model's tokenizer (the model calls this in ``setup``)."""
+        self.collate_fn = ChatBatcher(tokenizer, max_length)
 
     def generated_path(self) -> Path:
         name = (f"medaid_v{GENERATOR_VERSION}_n{self.n_dialogues}_seed{self.generator_seed}"
