@@ -22,7 +22,9 @@ multi-turn, multilingual preliminary consultation, told the patient's pre-contex
   pre-context mode) on every dialogue, and generate the final turn of ``eval_cases`` /
   ``test_cases`` dialogues (CPU cost) for diagnosis accuracy, safety, advice accuracy and
   chrF / BLEU; test also runs ``selfplay_cases`` consultations against the patient simulator
-  (symptom recall). ``predict`` writes self-played transcripts of ``predict_cases`` test
+  (symptom recall), and, when the data has a ``heldout`` split of real conversations
+  (chitchat / chatterbot), the perplexity of their assistant turns (``test/heldout_ppl``).
+  ``predict`` writes self-played transcripts of ``predict_cases`` test
   dialogues with the elicited symptoms marked (``consult.py``).
 * **Chat.** ``python -m suite.chat --ckpt <run>/checkpoints/last.ckpt`` (or ``<run>/adapter``,
   written at the end of fit) talks to it; :meth:`MedAidLM.chat_system_prompt` is its hook.
@@ -195,6 +197,8 @@ class MedAidLM(AdaptedModule):
                     out.update({f"test/selfplay/{k}": v for k, v in sp.items() if not k.startswith("symptom_recall")})
                     out.update({f"test/{k}": v for k, v in sp.items() if k.startswith("symptom_recall")})
                     records += [{**r, "kind": "selfplay"} for r in played]
+        if stage == "test":
+            out.update(self.heldout_perplexity())
         for k, v in out.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.log(k, float(v), batch_size=1)
@@ -218,6 +222,24 @@ class MedAidLM(AdaptedModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
+
+    @torch.no_grad()
+    def heldout_perplexity(self) -> dict[str, float]:
+        """Perplexity on the assistant turns of the data's real held-out conversations
+        (``data.init_args.heldout: chitchat | chatterbot``): how much everyday conversation the
+        fine-tuned LM keeps. ``{}`` when the data has no such split."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if dm is None or "heldout" not in getattr(dm, "splits", {}):
+            return {}
+        acc = PerplexityAccumulator()
+        with self.trainer.precision_plugin.forward_context():
+            for batch in dm.heldout_dataloader():
+                batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                losses, sel = doctor_token_losses(self.lm, batch)
+                full = torch.zeros(sel.shape, device=losses.device)
+                full[sel] = losses.float()
+                acc.update(full, sel, [m["source"] for m in batch["meta"]])
+        return {"test/heldout_ppl" + ("" if g == "all" else f"/{g}"): v for g, v in acc.compute().items()}
 
     def final_turns(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Generated final doctor turns after each item's reference dialogue (``consult.final_turns``)."""

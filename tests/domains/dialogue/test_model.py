@@ -4,6 +4,7 @@ the chat's pre-context hook, and the adapters and the NF4 base a YAML away."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -202,3 +203,21 @@ def test_adapters_and_the_nf4_base_are_a_yaml_away(preset, args, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in trained.items())  # the adapters learned
     after = model.state_dict()
     assert all(torch.equal(frozen[n], after[n]) for n in frozen)  # and nothing else moved
+
+
+@pytest.mark.skipif(importlib.util.find_spec("chatterbot_corpus") is None, reason="chatterbot-corpus is not installed")
+def test_test_scores_the_real_heldout_conversations(tmp_path):
+    """``test/heldout_ppl``: exp of the mean next-token loss over the assistant turns of the real
+    chatterbot conversations, as the LM's own loss gives it (token-weighted over batches)."""
+    data = DialogueData(languages=["en"], n_dialogues=12, heldout="chatterbot", heldout_limit=5, batch_size=2)
+    lean = MedAidLM(backbone="tiny", eval_cases=0, test_cases=0, selfplay_cases=0)  # perplexity only, no generation
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    m = trainer.test(lean, data, verbose=False)[0]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in data.heldout_dataloader():
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            out = lean.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+            total, count = total + float(out.loss) * n, count + n
+    assert count > 0 and m["test/heldout_ppl"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert m["test/heldout_ppl/chatterbot"] == pytest.approx(m["test/heldout_ppl"])
