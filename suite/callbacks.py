@@ -121,6 +121,12 @@ class EMATeacher(L.Callback):
     submodule: it adds nothing to the model's parameters, ``state_dict`` or inference cost).
     ``momentum=0`` makes the teacher a copy of the student after every step; ``momentum=1`` keeps
     it at its initial weights.
+
+    Under FSDP2 the copies are sharded like the parameters they follow (each rank keeps its
+    shards: 1 / world size of the trained tensors), checkpoints hold the full tensors, and the
+    teacher runs by putting its shards into the sharded parameters for the length of its
+    forward (:meth:`TeacherView.__call__`): ``functional_call``'s swap would be overwritten by
+    FSDP2's gather, so the teacher would silently run the student's weights.
     """
 
     def __init__(self, student: str = "backbone", attribute: str = "ema_teacher", momentum: float = 0.999) -> None:
@@ -157,29 +163,39 @@ class EMATeacher(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         student = self._student(pl_module)
-        live = self.trained_tensors(student)
+        live = _sharded_trained_tensors(pl_module, student)
         if not live:
             raise ValueError(f"EMATeacher: {type(pl_module).__name__}.{self.student} has no trainable tensors to follow")
         self.tensors = {k: v.detach().clone() for k, v in live.items()}
-        if self._pending is not None:  # resumed: the checkpoint's teacher replaces the fresh copy
-            saved = self._pending["teacher"]
-            if set(saved) != set(self.tensors):
-                missing, unexpected = sorted(set(self.tensors) - set(saved)), sorted(set(saved) - set(self.tensors))
-                raise ValueError(f"EMATeacher: the checkpoint's teacher does not fit the student: missing {missing[:8]}, unexpected {unexpected[:8]}")
-            with torch.no_grad():
-                for k, v in saved.items():
-                    self.tensors[k].copy_(v)
-            self._pending = None
-        self.teacher = TeacherView(student, self.tensors)
+        self._take_pending()
+        self.teacher = TeacherView(student, self.tensors, root=pl_module)
         object.__setattr__(pl_module, self.attribute, self.teacher)
 
+    def _take_pending(self) -> None:
+        """A resumed run: the checkpoint's teacher replaces the fresh copy."""
+        from suite.strategies import assign_
+
+        if self._pending is None or self.tensors is None:
+            return
+        saved = self._pending["teacher"]
+        if set(saved) != set(self.tensors):
+            missing, unexpected = sorted(set(self.tensors) - set(saved)), sorted(set(saved) - set(self.tensors))
+            raise ValueError(f"EMATeacher: the checkpoint's teacher does not fit the student: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        for k, v in saved.items():
+            assign_(self.tensors[k], v)  # under FSDP2 each rank takes its shard of the saved full tensor
+        self._pending = None
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # FSDP2 (Lightning's ModelParallelStrategy) restores callback state after on_fit_start,
+        # the other strategies before it: here the checkpoint's teacher is in place either way
+        self._take_pending()
         # after Lightning restored the loops, so a resumed run sees its real global step here
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step != self._last_step:  # skip batches that only accumulated gradients
             self._last_step = trainer.global_step
+            _sharded_trained_tensors(pl_module, self._student(pl_module))  # under FSDP2: the sharded parameters in place
             self.update(self._student(pl_module))
 
     @torch.no_grad()
@@ -196,7 +212,12 @@ class EMATeacher(L.Callback):
                 t.copy_(s)
 
     def state_dict(self) -> dict[str, Any]:
-        teacher = self.tensors if self.tensors is not None else (self._pending or {}).get("teacher")
+        from suite.strategies import full_tensor
+
+        # under FSDP2 the full tensors (gathered on every rank: Lightning asks every rank for
+        # callback state), so a checkpoint's teacher loads into any world size
+        teacher = ({k: full_tensor(v) for k, v in self.tensors.items()} if self.tensors is not None
+                   else (self._pending or {}).get("teacher"))
         return {"momentum": self.momentum, "last_step": self._last_step, "teacher": teacher}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -209,23 +230,70 @@ class EMATeacher(L.Callback):
         self._last_step = int(state_dict.get("last_step", -1))
 
 
-class TeacherView:
-    """The EMA teacher as a callable: the student's modules with the teacher's tensors swapped in."""
+def _sharded_trained_tensors(root: nn.Module, student: nn.Module) -> dict[str, torch.Tensor]:
+    """:meth:`EMATeacher.trained_tensors`, with every FSDP2 unit of ``root`` resharded first, so
+    the tensors are the sharded parameters (DTensors) and not a gathered copy."""
+    from suite.strategies import force_reshard, fsdp_units_of
 
-    def __init__(self, student: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        self.student, self.tensors = student, tensors
+    for unit in fsdp_units_of(root):
+        force_reshard(unit)
+    return EMATeacher.trained_tensors(student)
+
+
+class TeacherView:
+    """The EMA teacher as a callable: the student's modules with the teacher's tensors swapped in.
+
+    ``root``: the module the student belongs to (the LightningModule), where FSDP2 units are found.
+    """
+
+    def __init__(self, student: nn.Module, tensors: dict[str, torch.Tensor], root: nn.Module | None = None) -> None:
+        self.student, self.tensors, self.root = student, tensors, student if root is None else root
 
     training = False
 
     @torch.no_grad()
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from suite.strategies import fsdp_units_of
+
         modes = [(m, m.training) for m in self.student.modules()]
         self.student.eval()
         try:
+            units = fsdp_units_of(self.root)
+            if units:
+                return self._sharded_call(units, args, kwargs)
             return torch.func.functional_call(self.student, self.tensors, args, kwargs, strict=False)
         finally:
             for m, mode in modes:
                 m.training = mode
+
+    def _sharded_call(self, units: list[nn.Module], args: tuple, kwargs: dict) -> Any:
+        """FSDP2: every unit resharded, the teacher's shards copied into the sharded parameters (and
+        its buffers into the buffers), the units that hold the student gathered, the forward run,
+        then everything resharded, the student's values put back and the units that were
+        gathered before (a root inside its step) gathered again, so the student's step goes on
+        with its own weights. The swap costs one copy of the trained tensors' shards."""
+        from suite.strategies import force_reshard, is_gathered, untracked_forwards
+
+        gathered = [u for u in units if is_gathered(u)]
+        live = _sharded_trained_tensors(self.root, self.student)
+        own = {k: live[k].detach().clone() for k in self.tensors}
+        # units whose parameters the student's forward reads without running their own forward
+        # hooks (the root, or any unit the student lives in); the units inside it gather themselves
+        holders = [u for u in units if any(m is self.student for m in u.modules())]
+        try:
+            for k, t in self.tensors.items():
+                live[k].copy_(t)
+            for u in holders:
+                u.unshard()
+            with untracked_forwards(units):
+                return self.student(*args, **kwargs)
+        finally:
+            for u in units:
+                force_reshard(u)
+            for k, t in own.items():
+                live[k].copy_(t)
+            for u in gathered:
+                u.unshard()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The teacher's full state: the student's frozen tensors with the teacher's copies over them."""

@@ -175,6 +175,10 @@ class SuiteCLI(LightningCLI):
         ckpt = str(config.ckpt_path)
         root = config.trainer.default_root_dir or os.getcwd()
         path = os.path.join(config.checkpoint.dirpath or os.path.join(root, "checkpoints"), "last.ckpt") if ckpt == "last" else ckpt
+        from suite.strategies import is_sharded_checkpoint
+
+        if is_sharded_checkpoint(path) and os.path.isfile(os.path.join(path, "meta.pt")):
+            path = os.path.join(path, "meta.pt")  # an FSDP2 folder: the suite's record is in its metadata file
         if not os.path.isfile(path):
             return  # Lightning reports a missing checkpoint itself
         saved = torch.load(path, map_location="cpu", weights_only=True).get("suite", {}).get("resolved", {})
@@ -195,9 +199,28 @@ class SuiteCLI(LightningCLI):
             # jsonargparse's own error path: usage and message, exit 2 (JSONARGPARSE_DEBUG=1 raises instead)
             self.parser.error(f"the config parsed, but building its classes failed: {err}", ex=err)
 
+    def _read_sharded_checkpoints(self, subcommand: str) -> None:
+        """A sharded FSDP2 checkpoint folder loads into a run without FSDP2 (1 process, DDP):
+        test / predict / validate read it whole (suite.strategies.ShardedCheckpointReader). A fit
+        cannot resume from it there (FSDP2 keeps optimiser states by parameter name): a usage error."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from suite.strategies import ShardedCheckpointReader, is_sharded_checkpoint
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            return
+        ckpt = self.config[subcommand].get("ckpt_path")
+        if subcommand == "fit" and ckpt is not None and is_sharded_checkpoint(ckpt):
+            self.parser.error(f"fit --ckpt_path {ckpt}: a sharded FSDP2 checkpoint resumes under FSDP2 only (any number of "
+                              "devices): add --config configs/trainer/fsdp.yaml; test / predict / validate read it on one process")
+        if not isinstance(strategy.checkpoint_io, ShardedCheckpointReader):
+            strategy.checkpoint_io = ShardedCheckpointReader(strategy.checkpoint_io)
+
     def _run_subcommand(self, subcommand: str) -> None:
         if self.stage_results is not None:
             return
+        self._read_sharded_checkpoints(subcommand)
         try:
             super()._run_subcommand(subcommand)
         except CheckpointMismatchError as err:  # a checkpoint of another domain, backbone or config

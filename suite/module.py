@@ -76,6 +76,16 @@ def _unwrapped(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
+def read_checkpoint(path: str | Path) -> Any:
+    """A checkpoint file (``weights_only``), or an FSDP2 run's sharded folder read whole
+    (:func:`suite.strategies.consolidate_checkpoint`), so a later stage starts from either."""
+    from suite.strategies import consolidate_checkpoint, is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):
+        return consolidate_checkpoint(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def rebuild_stage(path: str | Path, default_class: type | None = None) -> "AdaptedModule":
     """The model of an earlier stage from its checkpoint alone.
 
@@ -88,7 +98,7 @@ def rebuild_stage(path: str | Path, default_class: type | None = None) -> "Adapt
     ``__init__`` frames above ``save_hyperparameters``, which must not reach the caller's.
     """
     path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointMismatchError(f"{path}: field 'state_dict' missing: expected a suite Lightning checkpoint (last.ckpt)")
     hp = dict(ckpt.get("hyper_parameters") or {})
@@ -218,11 +228,13 @@ class AdaptedModule(L.LightningModule):
         self._started = True
         if self.init_from is None:
             return None
+        from suite.strategies import is_sharded_checkpoint
+
         path = Path(self.init_from)
-        if path.is_dir():
+        if path.is_dir() and not is_sharded_checkpoint(path):
             load_adapters(getattr(self, "adapter_target", self), path)
             return None
-        if not path.is_file():
+        if not (path.is_file() or is_sharded_checkpoint(path)):
             raise FileNotFoundError(
                 f"init_from={self.init_from!r} is neither a checkpoint file nor a save_adapters folder. If it names a "
                 "prerequisite (e.g. a pretraining run), start through `python -m suite` or "
@@ -446,13 +458,48 @@ class AdaptedModule(L.LightningModule):
             store_frozen(self, torch.float32, frozen)
 
     # --- FSDP2 ------------------------------------------------------------------------------
-    def fsdp_units(self) -> list[nn.Module]:
-        """Modules sharded as their own FSDP2 units before the top-level children.
+    #: extra methods of this module that run the model outside the step methods (a metric or a
+    #: sampler called from a hook): under FSDP2 each gathers the parameters as ``forward`` does.
+    #: ``training_step`` / ``validation_step`` / ``test_step`` / ``predict_step`` always do.
+    fsdp_methods: ClassVar[tuple[str, ...]] = ()
+    _STEP_METHODS: ClassVar[tuple[str, ...]] = ("training_step", "validation_step", "test_step", "predict_step")
 
-        Default: every adapter layer, so trainable weights live in units of their own and the
-        frozen rest carries no gradient or optimiser memory.
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules sharded as FSDP2 units of their own, innermost first; the rest is the root unit.
+
+        Default: every adapter layer (its trainable weights carry gradients and optimiser state
+        in a unit of their own), then the blocks: each entry of every ``nn.ModuleList`` or
+        ``nn.Sequential`` whose entries are composite modules of one class (a stack of
+        transformer blocks, which their parent calls one by one), outside adapter layers and
+        earlier blocks. Mixed sequences (a conv + norm + activation stem whose weights a model
+        may read itself) stay in the root. A unit's parameters are gathered only while its own
+        ``forward`` runs, so a domain whose code calls a block's methods directly, or reads its
+        weights, overrides this to return fewer modules.
+
+        Left out on purpose (they stay in the enclosing block or in the root unit): a candidate
+        that shares parameters with a module outside it (a LoRA layer whose frozen base is also
+        called on its own, tied embeddings), since FSDP2 gives a parameter to one unit only and
+        gathers it only inside that unit's forward.
         """
-        return [layer for _, layer in adapter_layers(self)]
+        adapters = [layer for _, layer in adapter_layers(self)]
+        inside = {id(m) for layer in adapters for m in layer.modules()}
+        blocks: list[nn.Module] = []
+
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                if id(child) in inside:
+                    continue
+                entries = list(child) if isinstance(child, (nn.ModuleList, nn.Sequential)) else []
+                if entries and len({type(e) for e in entries}) == 1 and next(entries[0].children(), None) is not None:
+                    for entry in entries:  # a stack of blocks of one kind
+                        if id(entry) not in inside:
+                            blocks.append(entry)
+                            inside.update(id(m) for m in entry.modules())
+                else:
+                    visit(child)
+
+        visit(self)
+        return [*adapters, *blocks]
 
     def configure_model(self) -> None:
         # called before every fit / validate / test / predict, so a module that was built wrongly fails before any work
@@ -462,24 +509,78 @@ class AdaptedModule(L.LightningModule):
         if not self._started:
             raise RuntimeError(f"{type(self).__name__} was given init_from={self.init_from!r} but never loaded it: "
                                "call self.load_init_from() at the end of __init__")
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self, FSDPModule):  # sharded by an earlier fit / test in this process
+            return
         self._store_frozen_for(self.trainer.precision if self._trainer is not None else None)
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        self.backbone_fingerprint()  # of the full frozen weights: once sharded there is no cheap global view
+        self._shard(mesh["data_parallel"])
+
+    def _shard(self, mesh: Any) -> None:
+        """FSDP2: :meth:`fsdp_units` as units (innermost first), then this module as the root unit.
+
+        The root holds every parameter no unit took (embeddings, heads, norms, small convs) and
+        gathers them for the whole of each step method and :attr:`fsdp_methods`, so a domain
+        may read them anywhere in its step code (a positional embedding added by hand, a head
+        called through a method) and trainable ones among them still have their gradients
+        reduced (FSDP2 reduces gradients of the parameters its units manage only).
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         from suite.precision import is_bf16
 
-        dp_mesh = mesh["data_parallel"]
         # bf16 training: gather parameters in bf16 for compute, reduce gradients in fp32 (the
         # optimiser's master weights and state stay fp32, as under DDP + autocast)
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if is_bf16(self.trainer.precision) else None
-        sharded: set[int] = set()
-        for unit in [*self.fsdp_units(), *self.children()]:  # a module reached twice (an adapter layer that is also a child) once
-            if id(unit) in sharded or not any(True for _ in unit.parameters()):
+        kw: dict[str, Any] = {"mesh": mesh}
+        root_kw: dict[str, Any] = {"mesh": mesh}
+        if is_bf16(self.trainer.precision):
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # the root's "inputs" are the batch: its floats (targets, energies) keep their dtype,
+            # as autocast leaves them
+            root_kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                        cast_forward_inputs=False)
+        paths: dict[int, list[str]] = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            paths.setdefault(id(p), []).append(name)
+        names = {id(m): n for n, m in self.named_modules()}
+        units: dict[int, nn.Module] = {}  # chosen before any is sharded (sharding replaces the parameters)
+        for unit in self.fsdp_units():
+            own = list(unit.parameters())
+            if id(unit) in units or unit is self or not own:
                 continue
-            fully_shard(unit, mesh=dp_mesh, **({"mp_policy": mp} if mp is not None else {}))
-            sharded.add(id(unit))
+            prefix = names.get(id(unit), "") + "."
+            if any(not path.startswith(prefix) for p in own for path in paths[id(p)]):
+                continue  # shared with a module outside it: left to the enclosing unit (see fsdp_units)
+            units[id(unit)] = unit
+        for unit in units.values():
+            fully_shard(unit, reshard_after_forward=True, **kw)
+        fully_shard(self, **root_kw)
+        # the root's forward runs inside its step methods, whose gathered parameters stay until
+        # the backward: its outputs need no pre-backward hook, so a view among them is harmless
+        warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \({type(self).__name__}\) returned a view tensor")
+        for method in (*self._STEP_METHODS, *self.fsdp_methods):
+            if getattr(type(self), method, None) is not getattr(L.LightningModule, method, None):
+                register_fsdp_forward_method(self, method)
+        # the root is the first unit to run forward; fixed now, so a hook that calls a block
+        # directly (say, features in on_fit_start) before the first step does not claim it
+        self._get_fsdp_state()._lazy_init()
+
+    def fsdp_reshard(self) -> None:
+        """Under FSDP2, free every gathered parameter and put the sharded ones back in place.
+
+        A method in :attr:`fsdp_methods` leaves the root's parameters gathered (FSDP2 keeps a
+        root's parameters after forward, for the backward that usually follows); a hook that
+        assigns to parameters calls this first (:func:`suite.strategies.assign_`). No-op
+        without FSDP2.
+        """
+        from suite.strategies import force_reshard, fsdp_units_of
+
+        for unit in fsdp_units_of(self):
+            force_reshard(unit)
 
 
 def _batch_size(batch: Any) -> int | None:

@@ -10,12 +10,16 @@ checkpoint folder appear atomically (:meth:`FSDP2Strategy.save_checkpoint`).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.fabric.plugins import CheckpointIO
+from torch import nn
 
 
 class _ForkLauncherWithoutWeights(_MultiProcessingLauncher):
@@ -142,3 +146,136 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._launcher = _ForkLauncherWithoutWeights(self, start_method="fork")
         else:
             super()._configure_launcher()
+
+
+# --- FSDP2 helpers for code that runs the model outside a unit's forward ------------------------
+def fsdp_units_of(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units (``fully_shard`` modules) in ``module``, itself included; [] without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def is_gathered(unit: nn.Module) -> bool:
+    """Whether an FSDP2 unit's parameters are currently gathered (unsharded)."""
+    return any(group.is_unsharded for group in unit._get_fsdp_state()._fsdp_param_groups)
+
+
+def force_reshard(unit: nn.Module) -> None:
+    """Reshard an FSDP2 unit, even inside its own forward.
+
+    ``FSDPModule.reshard`` does nothing while a unit that keeps its parameters after forward
+    (FSDP2's root, for the backward that follows) is inside its forward; code that swaps
+    other values into the sharded parameters (the EMA teacher) must free the gathered copy
+    first, or the next gather would be skipped and the old values used. The autograd graph of
+    a forward in progress stays valid: the next gather refills the same storage, as FSDP2's
+    own reshard-after-forward does.
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    for group in unit._get_fsdp_state()._fsdp_param_groups:
+        if group._all_gather_result is not None:
+            # a prefetched gather nobody waited for (backward prefetches the unit that ran
+            # forward before, which may never run backward): it holds the values of when it was
+            # issued, and the next unshard would hand those out instead of gathering anew
+            group.wait_for_unshard()
+        with group.use_training_state(TrainingState.IDLE):
+            group.reshard()
+
+
+@contextlib.contextmanager
+def untracked_forwards(units: list[nn.Module]) -> Iterator[None]:
+    """Forwards inside (a no-grad teacher through the student's units) are left out of FSDP2's
+    record of the forward order, from which its backward picks the unit to prefetch next; the
+    step's own backward then prefetches the units it needs, as without them."""
+    groups = [g for u in units for g in u._get_fsdp_state()._fsdp_param_groups]
+    orders = {id(g.comm_ctx): (g.comm_ctx.post_forward_order, len(g.comm_ctx.post_forward_order)) for g in groups}
+    indices = [(g._post_forward_indices, len(g._post_forward_indices)) for g in groups]
+    try:
+        yield
+    finally:
+        for order, n in orders.values():
+            del order[n:]
+        for index, n in indices:
+            del index[n:]
+
+
+@torch.no_grad()
+def assign_(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)`` where FSDP2 may have sharded ``target`` (a DTensor) and ``value`` is
+    the full tensor, the same on every rank: each rank keeps its own shard. Call it while the
+    parameters are sharded (``AdaptedModule.fsdp_reshard``): a write to a gathered copy is lost."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(value, DTensor):
+        value = distribute_tensor(value.detach().to(target.device, target.dtype), target.device_mesh, target.placements,
+                                  src_data_rank=None)
+    target.copy_(value)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective: every rank must call it); others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+# --- interchange: a sharded checkpoint in a run without FSDP2 ----------------------------------
+def is_sharded_checkpoint(path: Any) -> bool:
+    """Whether ``path`` is a sharded (torch.distributed.checkpoint) folder, as FSDP2 runs write."""
+    from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
+
+    return _is_sharded_checkpoint(Path(path))
+
+
+def consolidate_checkpoint(folder: Any) -> dict[str, Any]:
+    """A sharded FSDP2 checkpoint folder as the checkpoint dict a 1-process run would have saved.
+
+    The model's tensors are read whole from the shards (any world size wrote them;
+    ``torch.distributed.checkpoint``'s own no-process-group reader), the rest (hyperparameters,
+    loops, callbacks, the suite's fingerprint) from the folder's ``meta.pt`` with
+    ``weights_only=True``. Optimiser states are left out: FSDP2 stores them by parameter name,
+    not in the layout of a plain optimiser, so the result serves ``test`` / ``predict`` /
+    ``validate``, ``save_adapters`` and the PEFT export; resuming a fit from a sharded folder
+    needs FSDP2 (any world size).
+    """
+    from lightning.fabric.strategies.fsdp import _METADATA_FILENAME
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    folder = Path(folder)
+    if not is_sharded_checkpoint(folder):
+        raise FileNotFoundError(f"{folder}: not a sharded checkpoint folder (expected the .metadata file FSDP2 writes)")
+    meta = folder / _METADATA_FILENAME
+    if not meta.is_file():
+        raise FileNotFoundError(f"{folder}: {_METADATA_FILENAME} missing: expected a Lightning FSDP2 checkpoint folder")
+    loaded: dict[str, Any] = {}
+    _load_state_dict(loaded, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(keys={"state_dict"}),
+                     no_dist=True)
+    checkpoint = torch.load(meta, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = loaded["state_dict"]
+    return checkpoint
+
+
+class ShardedCheckpointReader(CheckpointIO):
+    """A CheckpointIO that also reads sharded FSDP2 folders (:func:`consolidate_checkpoint`), so a
+    1-process (or DDP) ``test`` / ``predict`` / ``validate`` takes the checkpoint an FSDP2 fit
+    wrote. Everything else goes to the wrapped CheckpointIO."""
+
+    def __init__(self, inner: CheckpointIO) -> None:
+        self.inner = inner
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        self.inner.save_checkpoint(checkpoint, path, storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if is_sharded_checkpoint(path):
+            return consolidate_checkpoint(path)
+        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()

@@ -100,6 +100,12 @@ class CaloShowerModel(AdaptedModule):
 
     #: the no-forgetting check compares old classes' outputs bit for bit with their fp32 values
     keep_frozen_fp32 = True
+    #: FSDP2 (AdaptedModule.fsdp_units): the blocks are units, everything else (embeddings, heads,
+    #: whose methods the model calls directly) is the root unit; ``logits`` also runs from hooks
+    #: (the no-forgetting probe in on_fit_end), so it gathers the parameters as a step does. The
+    #: rsLoRA layers share their frozen base with the base particle's path, so they stay inside
+    #: their block's unit.
+    fsdp_methods = ("logits",)
     adapter_note = ("the shower model grows by stages instead: add_class adds an expert per block cloned from "
                     "closest_expert and, for a new particle, rsLoRA on attention (lora_r, lora_alpha)")
 
@@ -240,6 +246,7 @@ class CaloShowerModel(AdaptedModule):
         was = self.training
         self.eval()
         s_logits, e_logits, _, _ = self.logits(probe)
+        self.fsdp_reshard()  # FSDP2: no gathered copy left behind by a call outside a step
         self.train(was)
         return torch.cat([s_logits, e_logits], -1).cpu()
 

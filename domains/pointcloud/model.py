@@ -41,7 +41,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from suite.adapters import AdapterSpec, parameter_report
 from suite.backbones.point import LoadReport, PointEncoder, PointEncoderConfig, load_encoder_state, load_point_mae
 from suite.callbacks import EMATeacher
-from suite.module import AdaptedModule
+from suite.module import AdaptedModule, read_checkpoint
+from suite.strategies import assign_
 
 from .predict import CloudPredictionWriter
 from .pretrain import scale_and_translate
@@ -128,7 +129,7 @@ class PointCloudClassifier(AdaptedModule):
     def load_checkpoint_file(self, path: Path) -> AdaptedModule | None:
         """A suite stage checkpoint goes through the shared lifecycle; a Point-MAE / Point-BERT
         ``.pth`` (or a Lightning checkpoint written outside the CLI) loads its encoder directly."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path)  # a file, or the sharded folder of an FSDP2 stage
         if isinstance(ckpt, dict) and "_class_path" in (ckpt.get("hyper_parameters") or {}):
             return super().load_checkpoint_file(path)
         self.load_report = load_point_mae(self.backbone, path)  # keeps the encoder's keys (backbone.* in a stage checkpoint)
@@ -199,17 +200,13 @@ class PointCloudClassifier(AdaptedModule):
             # the whole labelled set, unshuffled and identical on every rank (no DistributedSampler)
             self.init_head_from_prototypes(dm.loader("train") if hasattr(dm, "loader") else dm.train_dataloader())
 
-    @torch.no_grad()
-    def init_head_from_prototypes(self, loader: Any) -> None:
-        """Make the head the nearest-class-mean classifier of the labelled clouds (no augmentation).
+    #: under FSDP2 the prototype features (computed in on_fit_start, outside a step) gather the
+    #: parameters as a step does
+    fsdp_methods = ("prototype_features",)
 
-        The head's BatchNorm gets the features' mean and variance; class ``c`` gets weight
-        ``mu_c / T`` and bias ``-|mu_c|^2 / (2 T)`` for the mean ``mu_c`` of its standardised
-        features, so the arg-max logit is the nearest class mean (Euclidean); ``T = sqrt(dim)``
-        keeps the initial logits O(1) for the cross-entropy. Fine-tuning then starts from what a
-        linear probe would converge towards (LP-FT, Kumar et al., ICLR 2022) instead of from a
-        random head whose first gradients distort the pretrained features.
-        """
+    @torch.no_grad()
+    def prototype_features(self, loader: Any) -> tuple[Tensor, Tensor]:
+        """Encoder features (eval mode, no augmentation) and labels of every labelled cloud in ``loader``."""
         mode = self.training
         self.eval()
         feats, labels = [], []
@@ -222,7 +219,21 @@ class PointCloudClassifier(AdaptedModule):
                 feats.append(self.backbone(batch["points"].to(self.device)).float())
                 labels.append(batch["label"].to(self.device))
         self.train(mode)
-        f, y = torch.cat(feats), torch.cat(labels)
+        return torch.cat(feats), torch.cat(labels)
+
+    @torch.no_grad()
+    def init_head_from_prototypes(self, loader: Any) -> None:
+        """Make the head the nearest-class-mean classifier of the labelled clouds (no augmentation).
+
+        The head's BatchNorm gets the features' mean and variance; class ``c`` gets weight
+        ``mu_c / T`` and bias ``-|mu_c|^2 / (2 T)`` for the mean ``mu_c`` of its standardised
+        features, so the arg-max logit is the nearest class mean (Euclidean); ``T = sqrt(dim)``
+        keeps the initial logits O(1) for the cross-entropy. Fine-tuning then starts from what a
+        linear probe would converge towards (LP-FT, Kumar et al., ICLR 2022) instead of from a
+        random head whose first gradients distort the pretrained features.
+        """
+        f, y = self.prototype_features(loader)
+        self.fsdp_reshard()  # FSDP2: the head is written shard by shard (assign_), not into a gathered copy
         absent = sorted(set(range(self.num_classes)) - set(y.tolist()))
         if absent:
             raise ValueError(f"head_init=prototypes: classes {absent} have no labelled cloud in the training set")
@@ -232,8 +243,8 @@ class PointCloudClassifier(AdaptedModule):
         z = (f - norm.running_mean) / torch.sqrt(norm.running_var + norm.eps)
         protos = torch.stack([z[y == c].mean(0) for c in range(self.num_classes)])
         temperature = z.shape[1] ** 0.5
-        linear.weight.copy_(protos / temperature)
-        linear.bias.copy_(-protos.pow(2).sum(1) / (2 * temperature))
+        assign_(linear.weight, protos / temperature)
+        assign_(linear.bias, -protos.pow(2).sum(1) / (2 * temperature))
 
     # --- forward and losses ------------------------------------------------------------------------
     def forward(self, points: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from suite.cli import main
 
@@ -40,3 +41,59 @@ def test_bf16_training_stays_within_the_fp32_seed_spread(domain: str, tmp_path: 
     bf16 = _final_loss(domain, tmp_path, 0, "bf16-mixed")
     spread = max(fp32) - min(fp32)
     assert abs(bf16 - fp32[0]) <= spread, f"{domain}: bf16 {bf16:.4f} vs fp32 {fp32} (spread {spread:.4f})"
+
+
+# --- FSDP2 on 2 CPU processes -----------------------------------------------------------------
+#: the README's "More devices" preset on 2 forked CPU processes (gloo) in fp32
+FSDP2 = ["--config", str(ROOT / "configs" / "trainer" / "fsdp.yaml"), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+         "--trainer.precision", "32-true", "--trainer.strategy.init_args.start_method", "fork"]
+#: domains whose FSDP2 run does not work yet, each with what it needs: the row says so instead of passing
+FSDP2_PENDING: dict[str, str] = {
+    "dialogue": "trains and checkpoints under FSDP2, but the run resumed at step 2 ends with other LoRA weights than the "
+                "uninterrupted one (max |diff| of the same order as the steps' change): something in its training draws "
+                "from torch's global RNG, which no checkpoint holds (LoRA dropout, the pre-context dropout?); its tiny.yaml "
+                "needs them off, or the draws seeded by (seed, step), as food_cl's and nuclei's",
+    "radiology_vqa": "a staged YAML (projector, then lora from the projector's sharded last.ckpt): this check resumes "
+                     "one fit, so it needs a per-stage form (resume inside stage 'lora'); its stages do chain through "
+                     "FSDP2 folders (suite.module.read_checkpoint)",
+}
+#: settings without which a resumed run cannot repeat the uninterrupted one in any strategy (the reason beside each)
+EXACT_RESUME: dict[str, list[str]] = {
+    # the tile augmentation draws from torch's global RNG, which no checkpoint restores
+    "nuclei": ["--data.init_args.augment", "false"],
+}
+
+
+def _step_checkpoint(folder: Path, step: int) -> Path:
+    (found,) = folder.glob(f"*step={step}.ckpt")
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_fsdp2_fits_saves_a_sharded_checkpoint_and_resumes_to_the_same_weights(domain: str, tmp_path: Path) -> None:
+    """4 steps under FSDP2 with a sharded checkpoint every 2; a second run resumed from the one
+    at step 2 ends with the same trained tensors (every tensor the checkpoint holds: adapters,
+    heads, buffers) as the uninterrupted run, read through the 1-process interchange
+    (suite.strategies.consolidate_checkpoint). Both runs are bit-identical (the same
+    arithmetic on the same ranks); steps 2 to 4 must have changed something."""
+    if domain in FSDP2_PENDING:
+        pytest.skip(f"FSDP2 not yet for {domain}: {FSDP2_PENDING[domain]}")
+    from suite.strategies import consolidate_checkpoint
+
+    run = ["fit", *_tiny(domain), *FSDP2, "--seed_everything", "0", "--trainer.max_epochs", "1000", "--trainer.max_steps", "4",
+           "--checkpoint.every_n_train_steps", "2", "--checkpoint.save_top_k", "-1", "--checkpoint.save_last", "false", *EXACT_RESUME.get(domain, [])]
+    main([*run, "--trainer.default_root_dir", str(tmp_path / "straight")])
+    straight = tmp_path / "straight" / "checkpoints"
+    middle = _step_checkpoint(straight, 2)
+    assert (middle / ".metadata").is_file(), "FSDP2 writes a sharded checkpoint folder"
+    main([*run, "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", str(middle)])
+
+    mid, end = consolidate_checkpoint(middle), consolidate_checkpoint(_step_checkpoint(straight, 4))
+    resumed = consolidate_checkpoint(_step_checkpoint(tmp_path / "resumed" / "checkpoints", 4))
+    assert end["global_step"] == resumed["global_step"] == 4
+    assert end["state_dict"].keys() == resumed["state_dict"].keys() == mid["state_dict"].keys()
+    assert end["suite"]["frozen_keys_dropped"] > 0 or domain == "calorimetry"  # calorimetry's first stage trains everything
+    for k, v in end["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][k], v, rtol=0, atol=0, msg=f"{domain}: {k} differs after the resume")
+    assert any(not torch.equal(v, mid["state_dict"][k]) for k, v in end["state_dict"].items() if v.is_floating_point())
