@@ -1,7 +1,8 @@
 """Food continual learning: DIME against its baselines, with and without the reference's behaviour.
 
     nice -n 5 python benchmarks/food_cl.py [--seeds 0 1 2] [--precisions bf16-mixed 32-true]
-                                           [--epochs 10] [--out benchmarks/results/food_cl.md]
+                                           [--epochs 5] [--work FOLDER] [--out benchmarks/results/food_cl.md]
+    python benchmarks/food_cl.py --render benchmarks/results/food_cl.json   # rewrite the table from its JSON
 
 Every method learns the same stream as ``domains/food_cl.yaml`` (50 generated dishes in 5
 step-imbalanced tasks, long-tailed inside, from the same cached pretrained backbone), seeded per
@@ -25,8 +26,10 @@ Methods (every row is a YAML of ``domains/food_cl/`` on top of the domain's):
   reference behaviours, plain averaging, TIES, and prototype-only SimpleCIL (no training at all).
 
 Budget: with the defaults (3 seeds; DIME in bf16 and fp32, sequential and joint in the first
-precision; 10 epochs of batch 16 per task) about 45 min of CPU time on one intra-op thread (the
-header of the results table gives the measured times). On a shared machine one thread is faster
+precision; the YAML's 5 epochs of batch 32 per task) about 45 min on one intra-op thread of an idle
+machine (one trained stream is ~2 min of CPU time; the table gives the measured CPU times). Runs in
+``--work`` are resumable: a stream whose stages are all done there is reused, not retrained (its
+row then says "reused run"). On a shared machine one thread is faster
 than two; ``--threads 2`` on an idle one. ``--epochs`` scales every trained row alike.
 """
 
