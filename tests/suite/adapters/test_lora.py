@@ -264,7 +264,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, derandomize=True)  # the same 25 examples on every run
 @given(
     d_in=st.integers(1, 12), third=st.integers(1, 6), r=st.integers(1, 4), bias=st.booleans(),
     qkv=st.sampled_from([None, ["q"], ["k", "v"], ["q", "k", "v"]]), dora=st.booleans(), rslora=st.booleans(),
@@ -282,7 +282,9 @@ def test_merge_unmerge_property(d_in, third, r, bias, qkv, dora, rslora):
     w = m[0].base_layer.weight.detach().clone()
     y = m(x)
     merge(m)
-    torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
+    # fp32: x @ (W + dW) and x @ W + (x @ A) @ B round differently, by a few ulps of the largest
+    # output (DoRA's per-row rescaling of B ~ N(0, 1) gives outputs of ~10), hence an atol scaled to it
+    torch.testing.assert_close(m(x), y, atol=1e-5 * max(1.0, float(y.abs().max())), rtol=1e-5)
     unmerge(m)
     assert (m[0].base_layer.weight - w).norm() <= 1e-6 * w.norm()
 
