@@ -90,6 +90,17 @@ def test_predict_writes_overlays_and_maps_then_notebook(run):
     nb = run_notebook("nuclei.ipynb", env={"NUCLEI_RUN": str(root)})
     text = cell_outputs(nb)
     assert "val/bPQ" in text and "neoplastic" in text and "nuclei" in text
+    # the numbers the notebook prints are the run's: every epoch's validation metrics, the last epoch's per class,
+    # and the predicted counts (each printed to 4 decimals or as an integer)
+    import re
+
+    printed = [float(x) for x in re.findall(r"-?\d+\.\d+|-?\d+", text)]
+    val = pd.read_csv(root / "logs" / "version_0" / "metrics.csv").dropna(subset=["val/bPQ"]).groupby("epoch").last()
+    expected = [v for k in ("val/bPQ", "val/mPQ", "val/AJI", "val/Dice") for v in val[k]]
+    expected += [val[k].iloc[-1] for k in val.columns if k.startswith(("val/PQ/", "val/F1c/")) and np.isfinite(val[k].iloc[-1])]
+    expected += table.head(8)["nuclei"].tolist()
+    for v in expected:
+        assert any(abs(p - round(float(v), 4)) < 5e-5 for p in printed), f"{v} is not among the notebook's numbers"
 
 
 def test_predict_on_a_folder_of_plain_tiles(run, tmp_path):
