@@ -53,7 +53,7 @@ HELDOUT = 16  # real chitchat conversations for held-out perplexity (forgetting)
 
 # row -> (label, extra arguments, seeds, precisions)
 ROWS: dict[str, tuple[str, list[str]]] = {
-    "zero_shot": ("SmolLM2-135M-Instruct zero-shot (no training)", []),
+    "zero_shot": ("base LM zero-shot (no training; the LM is named above the table)", []),
     "lora": ("LoRA r=16, alpha 32, all linear layers", []),
     "dora": ("DoRA r=16, alpha 32, all linear layers", ["--model.init_args.adapter.init_args.dora", "true"]),
     "mica": ("MiCA r=16, alpha 32, all linear layers", ["--model.init_args.adapter.class_path", "suite.adapters.MiCA",
