@@ -190,8 +190,8 @@ class SuiteCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         if self.stage_results is not None:  # the stages ran their own fits; the last one stands for this run
-            last = self.stage_results["last_cli"]
-            self.trainer, self.model, self.datamodule = last.trainer, last.model, last.datamodule
+            last = self.stage_results["last_cli"]  # None when every stage had already finished
+            self.trainer, self.model, self.datamodule = (last.trainer, last.model, last.datamodule) if last else (None, None, None)
             return
         try:
             super().instantiate_classes()

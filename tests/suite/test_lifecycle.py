@@ -176,6 +176,10 @@ def test_a_bare_fit_runs_the_stages_of_a_config_and_resumes_between_them(tmp_pat
     _fit(cfg, root)
     assert [a[0] for a in fits] == ["fit", "test"] and "--ckpt_path" in fits[0]
     assert str(root / "t1") in fits[0]
+    # with every stage finished, a rerun fits nothing and says so (no run stands for it)
+    fits.clear()
+    again = _fit(cfg, root)
+    assert fits == [] and again.trainer is None and sorted(again.stage_results["stages"]) == ["probe", "t0", "t1"]
     # test on the config runs on the last stage's checkpoint
     fits.clear()
     out = main(["test", "--config", str(cfg), "--trainer.default_root_dir", str(root), *QUIET, "--ckpt_path", "last"])
