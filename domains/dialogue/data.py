@@ -48,6 +48,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from suite.chat import ChatCollator, ConversationTooLong, encode_chat
+from suite.checkpoint import ResumableDataLoader
 from suite.data import DataFormatError, EpochSeededSampler, SuiteDataModule, cached, file_hash, generated_dir, split_by_group
 
 from .kb import FIELD_LEXICON, LANGUAGES, PRE_CONTEXT_FIELDS, KnowledgeBase, load_kb
@@ -723,7 +724,8 @@ class DialogueData(SuiteDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self._split("train")
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochTaggedSampler(len(ds), self.seed),
+        # resumes inside an epoch at the batch it had reached (the order is a function of (seed, epoch))
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=EpochTaggedSampler(len(ds), self.seed),
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           collate_fn=self.collate_fn)
 

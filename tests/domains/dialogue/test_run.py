@@ -114,3 +114,24 @@ def test_fit_test_predict_chat_and_notebook(tmp_path, monkeypatch):
     images = lambda book: sum("image/png" in o.get("data", {}) for c in book.cells for o in c.get("outputs", []))  # noqa: E731
     committed = nbformat.read(ROOT / "notebooks" / "dialogue.ipynb", as_version=4)
     assert images(nb) == images(committed) >= 2  # the committed outputs show as many figures as the code draws
+
+
+@pytest.mark.slow
+def test_a_run_resumed_mid_epoch_ends_with_the_uninterrupted_weights(tmp_path):
+    """4 steps straight, and 2 + 2 resumed from the step-2 checkpoint inside the first epoch: the
+    same adapter weights (the training loader skips the batches it had handed out; pre-context
+    dropout is drawn from (seed, epoch, item))."""
+    from suite.module import read_checkpoint
+
+    run = ["fit", "--config", BASE, "--config", str(ROOT / "domains" / "dialogue" / "tiny.yaml"), "--data.init_args.precontext_dropout", "0.5",
+           "--trainer.precision", "32-true", "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2",
+           "--checkpoint.save_top_k", "-1", "--checkpoint.save_last", "false", "--trainer.logger", "false"]
+    main([*run, "--trainer.default_root_dir", str(tmp_path / "straight")])
+    step = lambda root, n: next((root / "checkpoints").glob(f"*step={n}*.ckpt"))  # noqa: E731
+    main([*run, "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", str(step(tmp_path / "straight", 2))])
+    end, resumed, mid = (read_checkpoint(p)["state_dict"] for p in
+                         (step(tmp_path / "straight", 4), step(tmp_path / "resumed", 4), step(tmp_path / "straight", 2)))
+    assert end.keys() == resumed.keys() and any("lora" in k for k in end)
+    for k, v in end.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=0, msg=f"{k} differs after the resume")
+    assert any(not torch.equal(v, mid[k]) for k, v in end.items() if v.is_floating_point())  # steps 3-4 trained
