@@ -556,8 +556,18 @@ class AdaptedModule(L.LightningModule):
             if any(not path.startswith(prefix) for p in own for path in paths[id(p)]):
                 continue  # shared with a module outside it: left to the enclosing unit (see fsdp_units)
             units[id(unit)] = unit
+        if "mp_policy" in kw:
+            # BatchNorm is not autocast: it needs its weights in the dtype of its fp32 running
+            # statistics (as without FSDP2, where bf16 storage leaves norms in fp32), so each one
+            # outside the chosen units becomes a unit that gathers in its own dtype
+            inner = {id(m) for u in units.values() for m in u.modules()}
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inner and any(True for _ in m.parameters()):
+                    units[id(m)] = m
+            norm_kw = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)}
         for unit in units.values():
-            fully_shard(unit, reshard_after_forward=True, **kw)
+            batch_norm = isinstance(unit, nn.modules.batchnorm._BatchNorm) and "mp_policy" in kw
+            fully_shard(unit, reshard_after_forward=True, **(norm_kw if batch_norm else kw))
         fully_shard(self, **root_kw)
         # the root's forward runs inside its step methods, whose gathered parameters stay until
         # the backward: its outputs need no pre-backward hook, so a view among them is harmless
