@@ -49,9 +49,6 @@ FSDP2 = ["--config", str(ROOT / "configs" / "trainer" / "fsdp.yaml"), "--trainer
          "--trainer.precision", "32-true", "--trainer.strategy.init_args.start_method", "fork"]
 #: domains whose FSDP2 run does not work yet, each with what it needs: the row says so instead of passing
 FSDP2_PENDING: dict[str, str] = {
-    "dialogue": "trains and checkpoints under FSDP2, but the run resumed at step 2 ends with other LoRA weights than the "
-                "uninterrupted one (max |diff| 2.7e-3, also with LoRA and pre-context dropout off), while its 1-process "
-                "resume is exact: some state of its FSDP2 run is not in the sharded checkpoint; not found yet",
     "radiology_vqa": "a staged YAML (projector, then lora from the projector's sharded last.ckpt): this check resumes "
                      "one fit, so it needs a per-stage form (resume inside stage 'lora'); its stages do chain through "
                      "FSDP2 folders (suite.module.read_checkpoint)",
