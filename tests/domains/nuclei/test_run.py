@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from suite.cli import main
-from tests.notebooks import cell_outputs, run_notebook
+from tests.notebooks import assert_fresh, cell_outputs, run_notebook
 
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "window_size": 2, "global_attn_indexes": [1], "out_chans": 16}
 
@@ -90,6 +90,7 @@ def test_predict_writes_overlays_and_maps_then_notebook(run):
     nb = run_notebook("nuclei.ipynb", env={"NUCLEI_RUN": str(root)})
     text = cell_outputs(nb)
     assert "val/bPQ" in text and "neoplastic" in text and "nuclei" in text
+    assert_fresh("nuclei.ipynb", nb)
     # the numbers the notebook prints are the run's: every epoch's validation metrics, the last epoch's per class,
     # and the predicted counts (each printed to 4 decimals or as an integer)
     import re
