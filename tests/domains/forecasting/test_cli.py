@@ -12,7 +12,7 @@ import torch
 
 from suite.backbones.causal_lm import smollm2_gguf
 from suite.cli import main
-from tests.notebooks import cell_outputs, run_notebook
+from tests.notebooks import assert_fresh, cell_outputs, run_notebook
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[3]
@@ -51,6 +51,7 @@ def test_yaml_fit_test_predict_and_comparison_notebook(tmp_path, monkeypatch):
     nb = run_notebook("forecasting.ipynb", env={"FORECAST_RUNS": os.pathsep.join(map(str, (ofa, dlinear)))})
     out = cell_outputs(nb)
     assert "2 run folders" in out and str(preds.parent / "forecasts.png") in out
+    assert_fresh("forecasting.ipynb", nb)
     # the printed table holds each run's numbers as its metrics.csv has them (4 decimals)
     printed = {}
     for line in out.splitlines():
