@@ -311,6 +311,23 @@ def test_yaml_lifecycle_runs_and_later_stages_test_from_their_checkpoints(lifecy
     assert any(".lora.electron." in k for k in el) and any("heads.electron" in k for k in el)
 
 
+def _predict_add_electron(lifecycle: Path) -> Path:
+    """``predict`` of the lifecycle's add_electron stage (once per module); its predictions folder."""
+    from suite.cli import main
+
+    stage = lifecycle / "add_electron"
+    if not (stage / "predictions").is_dir():
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            main(["predict", "--config", "domains/calorimetry.yaml", "--config", "domains/calorimetry/add_electron.yaml",
+                  "--model.init_args.init_from", str(lifecycle / "add_pb/checkpoints/last.ckpt"),
+                  "--trainer.default_root_dir", str(stage), *CLI_TINY, "--ckpt_path", str(stage / "checkpoints/last.ckpt")])
+        finally:
+            os.chdir(cwd)
+    return stage / "predictions"
+
+
 @pytest.mark.slow
 def test_fit_alone_and_predict_write_hdf5_and_pngs(lifecycle: Path, tmp_path: Path) -> None:
     from suite.cli import main
@@ -320,13 +337,9 @@ def test_fit_alone_and_predict_write_hdf5_and_pngs(lifecycle: Path, tmp_path: Pa
     try:
         cli = main(["fit", "--config", "domains/calorimetry.yaml", "--trainer.default_root_dir", str(tmp_path), *CLI_TINY])
         assert "val/W_photon/nll" in cli.trainer.callback_metrics
-        stage = lifecycle / "add_electron"
-        main(["predict", "--config", "domains/calorimetry.yaml", "--config", "domains/calorimetry/add_electron.yaml",
-              "--model.init_args.init_from", str(lifecycle / "add_pb/checkpoints/last.ckpt"),
-              "--trainer.default_root_dir", str(stage), *CLI_TINY, "--ckpt_path", str(stage / "checkpoints/last.ckpt")])
     finally:
         os.chdir(cwd)
-    out = lifecycle / "add_electron/predictions"
+    out = _predict_add_electron(lifecycle)
     for cls in ("W_photon", "Ta_photon", "Pb_photon", "W_electron"):
         inc, showers = read_calochallenge(out / f"{cls}_generated.hdf5", GEO.n_voxels)
         assert len(inc) == len(showers) > 0 and showers.sum() > 0
@@ -364,8 +377,19 @@ def test_reference_recipe_yamls_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_notebook_reads_the_lifecycle_run(lifecycle: Path) -> None:
-    from tests.notebooks import cell_outputs, run_notebook
+    from tests.notebooks import assert_fresh, cell_outputs, run_notebook
 
+    _predict_add_electron(lifecycle)
     nb = run_notebook("calorimetry.ipynb", env={"CALO_RUN": str(lifecycle), "OMP_NUM_THREADS": "1"})
     text = cell_outputs(nb)
     assert "add_pb_electron" in text and "no_forgetting" in text
+    assert "W_electron: " in text and "E_dep/E_inc generated" in text  # the showers of the predicted stage
+    # the metrics table it prints holds the test metrics the stage runner recorded (3 decimals)
+    stages = json.loads((lifecycle / "stages.json").read_text())
+    table = {tuple(line.split()[:2]): line.split()[2:] for line in text.splitlines() if line.split()[:1] and line.split()[0] in stages}
+    for stage, res in stages.items():
+        for key in (k for k in res.get("test", {}) if k.endswith("/nll")):
+            cls = key.split("/")[1]
+            printed = table[(stage, cls)]
+            assert printed[0] == f"{res['test'][key]:.3f}" and printed[1] == f"{res['test'][f'test/{cls}/sep_mean']:.3f}"
+    assert_fresh("calorimetry.ipynb", nb)
