@@ -30,6 +30,7 @@ class StopInsideSave(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         ckpt_io = trainer.strategy.checkpoint_io
+        ckpt_io = getattr(ckpt_io, "inner", ckpt_io)  # suite.strategies.ShardedCheckpointReader writes through its inner one
         if not isinstance(ckpt_io, AtomicCheckpointIO):
             raise TypeError(f"expected the run to write through AtomicCheckpointIO, got {type(ckpt_io).__name__}")
         save, write = ckpt_io.save_checkpoint, ckpt_io.write
