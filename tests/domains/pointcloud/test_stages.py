@@ -143,4 +143,15 @@ def test_pretrain_then_mcft_stages_predict_and_notebook(tmp_path, data_dir):
     nb = run_notebook("pointcloud.ipynb", env={"POINTCLOUD_RUN": str(runs / "mcft")})
     out = cell_outputs(nb)
     assert "val/acc" in out and "query accuracy" in out
+    # the numbers it prints are the run's: the last validation accuracy and the query accuracy
+    import re
+
+    import pandas as pd
+
+    fit_log = max((p.parent for p in (runs / "mcft" / "logs").glob("version_*/metrics.csv")
+                   if json.loads((p.parent / "run.json").read_text())["stage"] == "fit"), key=lambda p: int(p.name.split("_")[1]))
+    last_val = pd.read_csv(fit_log / "metrics.csv").dropna(subset=["val/acc"])["val/acc"].iloc[-1]
+    assert float(re.search(r"final val/acc (\S+)", out).group(1)) == round(float(last_val), 4)
+    query = sum(r["label"] == r["pred"] for r in rows) / len(rows)
+    assert re.search(r"query accuracy (\S+) over (\d+) clouds", out).groups() == (f"{query:.4f}", str(len(rows)))
     assert_fresh("pointcloud.ipynb", nb)
