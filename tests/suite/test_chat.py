@@ -49,7 +49,7 @@ def _tokenizers(bpe):
         yield chat_tokenizer("smollm2")
 
 
-def _runs(labels: list[int]) -> list[list[int]]:
+def labelled_runs(labels: list[int]) -> list[list[int]]:
     """Maximal runs of labelled (not ignored) tokens."""
     runs, cur = [], []
     for t in labels + [IGNORE_INDEX]:
@@ -64,7 +64,7 @@ def _runs(labels: list[int]) -> list[list[int]]:
 def _check_labels(tok):
     enc = encode_chat(tok, CONVERSATION)
     replies = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
-    runs = _runs(enc.labels)
+    runs = labelled_runs(enc.labels)
     assert [tok.decode(r) for r in runs] == [r + "<|im_end|>" for r in replies]
     # nothing lost: all tokens decode to the rendered conversation
     assert tok.decode(enc.input_ids) == tok.apply_chat_template(CONVERSATION, tokenize=False)
@@ -104,7 +104,7 @@ def test_labels_are_the_assistant_turns_smollm2():
     _check_labels(tok)
     # SmolLM2's template adds its default system prompt when none is given; the labels still fit
     enc = encode_chat(tok, CONVERSATION[1:3])
-    assert tok.decode(_runs(enc.labels)[0]) == CONVERSATION[2]["content"] + "<|im_end|>"
+    assert tok.decode(labelled_runs(enc.labels)[0]) == CONVERSATION[2]["content"] + "<|im_end|>"
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(enc.input_ids)
 
 
@@ -211,7 +211,7 @@ def test_weight_zero_assistant_turns_are_context_not_targets(bpe):
     weighted[2]["weight"] = 0
     plain, enc = encode_chat(bpe, CONVERSATION), encode_chat(bpe, weighted)
     assert enc.input_ids == plain.input_ids  # the turn is still there as context
-    runs = [bpe.decode(r) for r in _runs(enc.labels)]
+    runs = [bpe.decode(r) for r in labelled_runs(enc.labels)]
     assert runs == [CONVERSATION[4]["content"] + "<|im_end|>"]  # only the weight-1 reply is labelled
     # exactly the tokens of the weight-0 reply lost their labels
     changed = [i for i, (a, b) in enumerate(zip(plain.labels, enc.labels)) if a != b]
@@ -227,7 +227,7 @@ def test_weight_zero_assistant_turns_are_context_not_targets(bpe):
             encode_chat(bpe, [CONVERSATION[1], bad] if bad["role"] == "assistant" else [bad, CONVERSATION[2]])
     # truncation keeps dropping earliest exchanges while a weight-1 reply remains
     cut = encode_chat(bpe, weighted[:4] + [CONVERSATION[4]], max_length=len(plain) - 1)
-    assert cut.turns_dropped == 2 and _runs(cut.labels)
+    assert cut.turns_dropped == 2 and labelled_runs(cut.labels)
 
 
 class _Lm:

@@ -19,6 +19,7 @@ from domains.dialogue.model import MedAidLM, doctor_token_losses
 from suite.adapters import AdapterLayer, adapter_layers
 from suite.chat import IGNORE_INDEX
 from suite.cli import main
+from tests.suite.test_chat import labelled_runs
 
 ROOT = Path(__file__).resolve().parents[3]
 BASE = str(ROOT / "domains" / "dialogue.yaml")
@@ -44,22 +45,11 @@ def dm(model):
     return data
 
 
-def _runs(labels: list[int]) -> list[list[int]]:
-    runs, cur = [], []
-    for t in labels + [IGNORE_INDEX]:
-        if t != IGNORE_INDEX:
-            cur.append(t)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs
-
-
 def test_loss_is_on_doctor_tokens_only(model, dm):
     batch = next(iter(dm.val_dataloader()))
     tok = model.tokenizer
     for r, msgs in enumerate(batch["messages"]):  # labelled tokens are exactly the doctor turns (+ end of turn)
-        runs = [tok.decode(run) for run in _runs(batch["labels"][r].tolist())]
+        runs = [tok.decode(run) for run in labelled_runs(batch["labels"][r].tolist())]
         assert runs == [m["content"] + "<|im_end|>" for m in msgs if m["role"] == "assistant"]
     losses, sel = doctor_token_losses(model.lm, batch)
     assert sel.sum() == (batch["labels"] != IGNORE_INDEX).sum() == len(losses)
