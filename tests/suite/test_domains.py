@@ -50,8 +50,9 @@ FSDP2 = ["--config", str(ROOT / "configs" / "trainer" / "fsdp.yaml"), "--trainer
 #: domains whose FSDP2 run does not work yet, each with what it needs: the row says so instead of passing
 FSDP2_PENDING: dict[str, str] = {
     "radiology_vqa": "a staged YAML (projector, then lora from the projector's sharded last.ckpt): this check resumes "
-                     "one fit, so it needs a per-stage form (resume inside stage 'lora'); its stages do chain through "
-                     "FSDP2 folders (suite.module.read_checkpoint)",
+                     "one fit; resumed by hand inside stage 'lora' (the stage runner given the step-2 folder as its "
+                     "last.ckpt), its LoRA weights end ~1e-4 from the uninterrupted run's, because its random "
+                     "image-token position and dropout draw on torch's global RNG, which checkpoints do not hold",
 }
 
 
