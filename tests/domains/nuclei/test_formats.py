@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,15 +97,23 @@ def test_pannuke_truncated_file_is_our_error(tmp_path_factory, which, cut):
         _read_all(root)
 
 
+def _damage(path: Path, mode: str, pos: float, flip: int) -> None:
+    """Truncate the file at fraction ``pos`` of its bytes, or XOR the byte there with ``flip``."""
+    data = bytearray(path.read_bytes())
+    if mode == "truncate":
+        data = data[: int(pos * len(data))]
+    else:
+        data[int(pos * len(data))] ^= flip
+    path.write_bytes(bytes(data))
+
+
 @FUZZ
 @given(which=st.sampled_from(["images", "masks", "types"]), pos=st.floats(0.0, 0.999), flip=st.integers(1, 255))
 def test_pannuke_flipped_byte_loads_what_numpy_reads_or_is_our_error(tmp_path_factory, which, pos, flip):
     root = tmp_path_factory.mktemp("fold")
     _fold(root)
     path = root / f"{which}.npy"
-    data = bytearray(path.read_bytes())
-    data[int(pos * len(data))] ^= flip
-    path.write_bytes(bytes(data))
+    _damage(path, "flip", pos, flip)
     _check_property(root, path)
 
 
@@ -205,12 +214,7 @@ def _expected_mat(path):
 def test_hovernet_mat_damaged_file(tmp_path_factory, mode, pos, flip):
     path = tmp_path_factory.mktemp("mat") / "img_1.mat"
     _mat(path)
-    data = bytearray(path.read_bytes())
-    if mode == "truncate":
-        data = data[: int(pos * len(data))]
-    else:
-        data[int(pos * len(data))] ^= flip
-    path.write_bytes(bytes(data))
+    _damage(path, mode, pos, flip)
     expected = _expected_mat(path)
     try:
         with warnings.catch_warnings():
@@ -285,12 +289,7 @@ def test_image_reader_damaged_file(tmp_path_factory, suffix, mode, pos, flip):
 
     path = tmp_path_factory.mktemp("img") / f"tile{suffix}"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3)).astype(np.uint8)).save(path)
-    data = bytearray(path.read_bytes())
-    if mode == "truncate":
-        data = data[: int(pos * len(data))]
-    else:
-        data[int(pos * len(data))] ^= flip
-    path.write_bytes(bytes(data))
+    _damage(path, mode, pos, flip)
     try:
         with Image.open(path) as im:
             expected = np.asarray(im.convert("RGB")) if im.mode in ("RGB", "RGBA", "P") else None
