@@ -10,6 +10,11 @@
   so in the checkpoint, so a run resumed from a checkpoint written mid-epoch continues at the next
   batch. A plain ``DataLoader`` is restarted from the epoch's first batch by Lightning, which then
   trains on the first batches twice and never on the last ones (Lightning warns about this).
+  It also carries the global random states (:func:`rng_states`: torch, CUDA, numpy, Python), so
+  dropout and random augmentation continue the draws of the run that wrote the checkpoint;
+  Lightning saves none of them.
+* :class:`SuiteTrainer` (the CLI's trainer) applies that state also where Lightning skips it: for a
+  model that asks for ``estimated_stepping_batches`` (a schedule's length) in ``configure_optimizers``.
 
 Why not Lightning's own write: ``TorchCheckpointIO`` goes through an fsspec transaction, which
 writes a temporary file in the system temp folder and moves it into place. Where that folder is on
@@ -25,16 +30,20 @@ import errno
 import glob
 import itertools
 import os
+import random
 import secrets
 import shutil
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Optional
 
+import lightning as L
+import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.loops.fit_loop import _FitLoop as _LightningFitLoop
 from torch.utils.data import DataLoader
 
 #: suffix of a file or folder still being written; never matches Lightning's ``last*.ckpt`` search
@@ -158,6 +167,32 @@ def replace_folder(tmp: _PATH, path: _PATH) -> None:
     _fsync_folder(path.parent)
 
 
+# --- the global random states -------------------------------------------------------------
+def rng_states() -> dict[str, Any]:
+    """The global random states (torch CPU and, once initialised, CUDA; numpy; Python's ``random``)
+    as tensors, tuples and numbers only, so ``torch.load(..., weights_only=True)`` reads them back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Put back what :func:`rng_states` returned (CUDA only where this process has initialised it)."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))  # a loaded checkpoint may hold a list
+    if "cuda" in states and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 # --- the position inside an epoch ---------------------------------------------------------
 class _Skipping:
     """An index sampler whose next pass (only) starts after its first ``n`` items (indices only:
@@ -201,11 +236,27 @@ class ResumableDataLoader(DataLoader):
     Exact when that order is a function of the epoch (``suite.data.EpochSeededSampler``), also
     under DDP, where Lightning wraps it per rank and the count is per rank. A checkpoint written
     after an epoch's last batch resumes at the next epoch's first batch.
+
+    The checkpoint also records the global random states (:func:`rng_states`) at the moment it
+    was written and torch's state when the epoch's iterator was built (from which the iterator
+    draws its worker base seed). After a restore the first pass puts the saved states back, just
+    before its iterator is built, which is where the uninterrupted run stood when it fetched the
+    next batch: Lightning builds the resumed run's iterator after its sanity check, so the draws
+    made by the sanity check and by ``setup`` do not count. Where the uninterrupted run would not
+    have built an iterator here (inside an epoch; persistent workers) the new one draws its base
+    seed from the saved epoch state instead of the global state, so the global draws line up and
+    the workers get the seeds they had. Bit-identical continuation therefore holds for
+    ``num_workers=0``; with workers, each worker restarts its own generator from its seed, so
+    augmentation inside workers continues differently. Under DDP / FSDP2 the checkpoint holds every
+    rank's states (gathered while saving) and each rank restores its own; resumed on another number
+    of ranks, rank r takes rank r % n's (with a warning: such a run cannot repeat the saved one).
     """
 
     _yielded: int = 0  # batches handed out in the current pass
     _resume_at: int = 0  # batches the next pass skips (set by load_state_dict)
     _skip: int = 0  # read by _index_sampler while an iterator is being built
+    _iter_rng: Optional[torch.Tensor] = None  # torch's global state when the current iterator was built
+    _restore: Optional[dict[str, Any]] = None  # saved states the next pass puts back (set by load_state_dict)
 
     @property
     def _index_sampler(self) -> Any:
@@ -214,18 +265,93 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self) -> _Counting:
         start, self._resume_at = self._resume_at, 0
+        restore, self._restore = self._restore, None
         if start and self._iterator is not None:  # persistent workers: the iterator is reset, not rebuilt
             self._iterator._index_sampler = _Skipping(DataLoader._index_sampler.fget(self), start)
+        builds = self._iterator is None or not (self.persistent_workers and self.num_workers > 0)
+        own = self.generator
+        if restore is not None:
+            set_rng_states(restore["rng"])
+            if builds and own is None and restore.get("iter_rng") is not None and (start or self.persistent_workers):
+                # the uninterrupted run built its iterator earlier, from the state saved then
+                self.generator = torch.Generator()
+                self.generator.set_state(restore["iter_rng"])
+        if builds:
+            self._iter_rng = restore["iter_rng"] if self.generator is not own else (torch.get_rng_state() if own is None else None)
         self._skip = start
         try:
             it = super().__iter__()
         finally:
             self._skip = 0
+            self.generator = own
         return _Counting(it, self, start)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_yielded": self._yielded}
+    def state_dict(self) -> dict[str, Any]:
+        # every rank's states: their draws part where their batches differ in shape (dropout on
+        # sequences of other lengths). Lightning calls this on every rank while saving a checkpoint.
+        mine = {"now": rng_states(), "iter": self._iter_rng}
+        return {"batches_yielded": self._yielded, "random": _gathered(mine)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         n = int(state.get("batches_yielded", 0))
         self._resume_at = n if 0 < n < len(self) else 0
+        self._restore = None
+        saved = state.get("random")  # absent from a checkpoint written before they were saved
+        if saved:
+            rank, world = _rank_and_world()
+            if len(saved) != world:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"the checkpoint holds the random states of {len(saved)} rank(s) and this run has {world}: "
+                               f"rank r continues rank r % {len(saved)}'s draws, so the run does not repeat the saved one")
+            mine = saved[rank % len(saved)]
+            self._restore = {"rng": mine["now"], "iter_rng": mine["iter"]}
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gathered(obj: Any) -> list[Any]:
+    """``obj`` of every rank, by rank (``[obj]`` in one process)."""
+    import torch.distributed as dist
+
+    _, world = _rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+class _FitLoop(_LightningFitLoop):
+    def setup_data(self) -> None:
+        built_early = self._combined_loader is not None
+        super().setup_data()
+        if built_early and self.restarting and self._combined_loader_states_to_load:
+            self._load_combined_loader_states()  # what Lightning skips for a loader that exists already
+            iter(self._data_fetcher)  # a new iterator, built from the loaded state
+
+
+class SuiteTrainer(L.Trainer):
+    """Lightning's ``Trainer``, except that a resumed fit applies the training loader's saved
+    state even when the loader was built before the restore.
+
+    Lightning builds (and starts iterating) the training loader early when a model's
+    ``configure_optimizers`` asks for ``estimated_stepping_batches`` (a schedule's length). In a
+    resumed fit that happens before the checkpoint's loop state is loaded, and for a loader that
+    exists already Lightning never loads it, so the saved position inside the epoch and the random
+    states (:class:`ResumableDataLoader`) are dropped: the resumed run restarts the epoch at its
+    first batch with fresh draws. Here the state is loaded when the fit starts and the loader's
+    iterator is built again. A fit that does not resume runs exactly as under ``L.Trainer`` (the
+    same loader, the same random draws), so fixed-seed results do not move.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        epoch_loop = self.fit_loop.epoch_loop
+        self.fit_loop = _FitLoop(self, min_epochs=self.fit_loop.min_epochs, max_epochs=self.fit_loop.max_epochs)
+        self.fit_loop.epoch_loop = epoch_loop

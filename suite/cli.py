@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from suite.adapters import AdapterSpec
 from suite.callbacks import RunRecord
-from suite.checkpoint import AtomicCheckpointIO
+from suite.checkpoint import AtomicCheckpointIO, SuiteTrainer
 from suite.module import CheckpointMismatchError
 from suite.precision import choose_precision
 from suite.prerequisites import Prerequisite
@@ -261,6 +261,7 @@ def _cli(cli_class: type[SuiteCLI], args: Any, run: bool) -> SuiteCLI:
     return cli_class(
         L.LightningModule,
         L.LightningDataModule,
+        trainer_class=SuiteTrainer,  # resumes a model whose schedule counts the training batches
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

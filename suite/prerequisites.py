@@ -24,16 +24,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-import torch
 import yaml
 
+from suite.checkpoint import rng_states, set_rng_states
 from suite.data import cached, generated_dir
 
 #: keys of a resolved config that say where a run writes, not what it computes
@@ -60,16 +58,6 @@ class Prerequisite:
     link: dict[str, str] = field(default_factory=dict)
     args: list[str] = field(default_factory=list)
     product: str = "checkpoints/last.ckpt"
-
-
-def _rng_states() -> tuple[Any, ...]:
-    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-
-
-def _restore(states: tuple[Any, ...]) -> None:
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.random.set_rng_state(states[2])
 
 
 def _as_plain(value: Any) -> Any:
@@ -125,11 +113,11 @@ def resolved_config(args: list[str]) -> dict[str, Any]:
     building any class; the keys that only say where the run writes are left out."""
     from suite.cli import parse_only
 
-    states = _rng_states()
+    states = rng_states()
     try:
         config = parse_only(["fit", *args])
     finally:
-        _restore(states)
+        set_rng_states(states)
     for key in _WHERE_KEYS:
         parent, _, leaf = key.rpartition(".")
         holder = config
@@ -168,11 +156,11 @@ def run_prerequisite(prereq: Prerequisite, values: dict[str, Any] | None = None)
             from suite.cli import main as cli_main
 
             print(f"[suite] prerequisite {prereq.name!r} ({', '.join(prereq.configs)}) is not cached; running it once into {folder}")
-            states = _rng_states()
+            states = rng_states()
             try:
                 cli_main(["fit", *args, "--trainer.default_root_dir", str(tmp)])
             finally:
-                _restore(states)
+                set_rng_states(states)
             if not (tmp / prereq.product).exists():
                 raise FileNotFoundError(f"prerequisite {prereq.name!r} finished but wrote no {prereq.product} (looked in {tmp})")
             record = {"name": prereq.name, "configs": prereq.configs, "linked": _nested(values or {}), "args": prereq.args}

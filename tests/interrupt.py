@@ -6,18 +6,22 @@
   writes through :class:`suite.checkpoint.AtomicCheckpointIO` (the CLI's default).
 - :class:`ResumableToyData`: ``tests.toy.ToyData`` whose training loader resumes inside an epoch
   (:class:`suite.checkpoint.ResumableDataLoader`), for the mid-epoch resume tests.
+- :class:`AugmentedToyData`: the same with a random augmentation that draws from torch's,
+  numpy's and Python's global generators, for the tests that resume random draws.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import random
 import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from suite.checkpoint import AtomicCheckpointIO, ResumableDataLoader
 from tests.toy import ToyData
@@ -69,3 +73,24 @@ def resumable(loader: DataLoader) -> ResumableDataLoader:
 class ResumableToyData(ToyData):
     def train_dataloader(self) -> DataLoader:
         return resumable(super().train_dataloader())
+
+
+class _Augmented(Dataset):
+    """Noise (torch), a brightness factor (numpy) and a horizontal flip (Python's random) per item."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        x = x * float(np.random.uniform(0.8, 1.2)) + 0.05 * torch.randn_like(x)
+        return (x.flip(-1) if random.random() < 0.5 else x), y
+
+
+class AugmentedToyData(ResumableToyData):
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.splits["train"] = _Augmented(self.splits["train"])

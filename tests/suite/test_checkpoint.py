@@ -23,9 +23,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import suite.checkpoint as checkpoint_module
 from suite.adapters import LoRA, adapter_state_dict
-from suite.checkpoint import PARTIAL_SUFFIX, AtomicCheckpointIO, ResumableDataLoader, replace_folder
+from suite.checkpoint import PARTIAL_SUFFIX, AtomicCheckpointIO, ResumableDataLoader, SuiteTrainer, replace_folder
 from suite.cli import main
-from tests.interrupt import ResumableToyData
+from tests.interrupt import AugmentedToyData, ResumableToyData
 from tests.suite.test_cli import TOY
 from tests.toy import ToyViT
 
@@ -158,7 +158,7 @@ def test_resuming_from_a_mid_epoch_checkpoint_continues_at_the_next_batch(tmp_pa
         fit(tmp_path / "crashed", Crash())
     ckpt = torch.load(tmp_path / "crashed" / "last.ckpt", weights_only=True)
     assert (ckpt["global_step"], ckpt["epoch"]) == (4, 0)  # mid-epoch: 4 of 6 batches
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches_yielded": 4}]
+    assert [s["batches_yielded"] for s in ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]] == [4]
     resumed, seen_resumed = fit(tmp_path / "crashed", ckpt_path=tmp_path / "crashed" / "last.ckpt")
 
     later = [(s, b) for s, b in seen_straight.batches if s >= 4]
@@ -177,7 +177,7 @@ def test_resumable_loader_skips_indices_only_for_the_first_pass_after_a_restore(
     it = iter(loader)
     next(it), next(it)
     state = loader.state_dict()
-    assert state == {"batches_yielded": 2}
+    assert state["batches_yielded"] == 2
     fresh = ResumableDataLoader(data, batch_size=3)
     fresh.load_state_dict(state)
     assert [b.tolist() for b in fresh] == [[6, 7, 8], [9]]
@@ -185,6 +185,115 @@ def test_resumable_loader_skips_indices_only_for_the_first_pass_after_a_restore(
     done = ResumableDataLoader(data, batch_size=3)
     done.load_state_dict({"batches_yielded": 4})  # saved after the epoch's last batch
     assert len(list(done)) == 4
+
+
+class CrashAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
+class ScheduledToyViT(ToyViT):
+    """A schedule as long as the fit: ``configure_optimizers`` asks for ``estimated_stepping_batches``,
+    so Lightning builds the training loader before a resumed run's loop state is loaded."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=3e-3)
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {
+            "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / (total + 1)), "interval": "step"}}
+
+
+def _fit_random(root: Path, every: int, *extra: L.Callback, ckpt_path: Path | None = None, scheduled: bool = False,
+                trainer_class: type[L.Trainer] = SuiteTrainer) -> tuple[ToyViT, Seen]:
+    """ToyViT with LoRA dropout (torch's global generator) on AugmentedToyData (torch, numpy and
+    Python draws per item), 6 steps per epoch, 2 epochs, a checkpoint every ``every`` steps."""
+    L.seed_everything(0)
+    model = (ScheduledToyViT if scheduled else ToyViT)(adapter=LoRA(r=4, alpha=8, targets=["qkv"], dropout=0.3),
+                                                       optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    ckpt, seen = ModelCheckpoint(dirpath=root, save_last=True, save_top_k=-1, every_n_train_steps=every), Seen()
+    trainer_class(accelerator="cpu", devices=1, default_root_dir=root, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, precision="32-true", callbacks=[seen, ckpt, *extra], max_epochs=2,
+                  ).fit(model, AugmentedToyData(n=64), ckpt_path=ckpt_path)
+    return model, seen
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.parametrize("every, crash", [(4, 5), (6, 7)], ids=["inside-an-epoch", "at-an-epoch-end"])
+def test_a_resumed_run_continues_the_random_draws_of_dropout_and_augmentation(tmp_path: Path, every: int, crash: int) -> None:
+    """The checkpoint carries the global random states, so a resumed run draws the same dropout
+    masks and augmentations as the uninterrupted one and ends bit-equal (tolerance 0). Without the
+    saved states the same resume ends elsewhere, so the comparison can fail."""
+    straight = adapter_state_dict(_fit_random(tmp_path / "straight", every)[0])
+    with pytest.raises(RuntimeError, match="crash at"):
+        _fit_random(tmp_path / "crashed", every, CrashAt(crash))
+    last = tmp_path / "crashed" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)  # the states are plain tensors and tuples
+    assert ckpt["global_step"] == every
+    (loader_state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    (states,) = loader_state["random"]  # one process: one rank's states
+    assert set(states["now"]) >= {"torch", "numpy", "python"} and states["iter"].dtype == torch.uint8
+    resumed = adapter_state_dict(_fit_random(tmp_path / "crashed", every, ckpt_path=last)[0])
+    assert straight.keys() == resumed.keys() and straight
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=0)
+
+    del loader_state["random"]  # a checkpoint without them: dropout and augmentation draw afresh
+    torch.save(ckpt, tmp_path / "without-rng.ckpt")
+    blind = adapter_state_dict(_fit_random(tmp_path / "blind", every, ckpt_path=tmp_path / "without-rng.ckpt")[0])
+    assert any(not torch.equal(blind[k], straight[k]) for k in straight)
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_a_model_whose_schedule_counts_the_batches_resumes_at_the_next_batch_under_suite_trainer(tmp_path: Path) -> None:
+    """``estimated_stepping_batches`` in ``configure_optimizers`` makes Lightning build the training
+    loader before the restore and then skip its saved state: under ``L.Trainer`` the resumed run
+    starts the epoch over. SuiteTrainer (the CLI's) continues at step 4's batch and ends bit-equal."""
+    model, seen = _fit_random(tmp_path / "straight", 4, scheduled=True)
+    with pytest.raises(RuntimeError, match="crash at"):
+        _fit_random(tmp_path / "crashed", 4, CrashAt(5), scheduled=True)
+    last = tmp_path / "crashed" / "last.ckpt"
+    later = [b for s, b in seen.batches if s >= 4]
+    for trainer_class, same in ((L.Trainer, False), (SuiteTrainer, True)):
+        resumed, seen_resumed = _fit_random(tmp_path / trainer_class.__name__, 4, ckpt_path=last, scheduled=True,
+                                            trainer_class=trainer_class)
+        assert [s for s, _ in seen_resumed.batches] == list(range(4, 12))
+        assert torch.equal(seen_resumed.batches[0][1], later[0]) is same, trainer_class.__name__
+        a, b = adapter_state_dict(model), adapter_state_dict(resumed)
+        assert all(torch.equal(a[k], b[k]) for k in a) is same, trainer_class.__name__
+
+
+def test_a_resume_on_another_number_of_ranks_warns_and_takes_rank_r_mod_n_states() -> None:
+    import warnings
+
+    from suite.checkpoint import rng_states
+
+    saved = [{"now": rng_states(), "iter": None}, {"now": rng_states(), "iter": torch.get_rng_state()}]
+    loader = ResumableDataLoader(list(range(10)), batch_size=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loader.load_state_dict({"batches_yielded": 1, "random": saved})
+    assert any("2 rank(s) and this run has 1" in str(w.message) for w in caught)
+    assert loader._restore["rng"] is saved[0]["now"] and loader._restore["iter_rng"] is None
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from suite.checkpoint import rng_states, set_rng_states
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
 
 
 # --- the CLI ------------------------------------------------------------------------------
@@ -301,7 +410,7 @@ def test_kill_9_while_last_ckpt_is_written_then_resume_equals_an_uninterrupted_r
         torch.load(partial, weights_only=True)  # half a checkpoint: had it been last.ckpt, the run was lost
     previous = torch.load(folder / "last.ckpt", weights_only=True)
     assert (previous["global_step"], previous["epoch"]) == (4, 0)
-    assert previous["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches_yielded": 4}]
+    assert [s["batches_yielded"] for s in previous["loops"]["fit_loop"]["state_dict"]["combined_loader"]] == [4]
 
     resumed = main(["fit", "--config", str(plain), "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 12
