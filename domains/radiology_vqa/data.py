@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from suite.checkpoint import ResumableDataLoader
 from suite.data import SuiteDataModule, cached, generated_dir, split_by_group
 
 from .fairness import GroupBalancedSampler, group_balanced_weights
@@ -297,8 +298,9 @@ class RadiologyVQAData(SuiteDataModule):
             return self.loader("train", shuffle=True, collate_fn=collate)
         ds = self._split("train")
         weights = group_balanced_weights(torch.tensor([ds.group(i) for i in range(len(ds))]))
-        return DataLoader(ds, batch_size=self.batch_size, sampler=GroupBalancedSampler(weights, seed=self.seed),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate)
+        # resumable like every suite training loader: a mid-epoch resume continues at the next batch
+        return ResumableDataLoader(ds, batch_size=self.batch_size, sampler=GroupBalancedSampler(weights, seed=self.seed),
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0, collate_fn=collate)
 
     def val_dataloader(self) -> DataLoader:
         return self.loader("val", collate_fn=VQACollate(self.encode))
