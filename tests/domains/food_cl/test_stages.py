@@ -97,3 +97,24 @@ def test_the_yaml_runs_every_task_resumes_between_tasks_and_reports(tmp_path, mo
     text = cell_outputs(nb)
     assert "A_T" in text and "images, accuracy" in text
     assert_fresh("food_cl.ipynb", nb)  # the committed outputs: no error, as many figures as now
+
+
+@pytest.mark.slow
+def test_a_task_resumed_mid_epoch_with_dropout_and_augmentation_ends_bit_identical(tmp_path):
+    """Task 0 with adapter dropout and the training augmentation on (both draw from the global
+    random generators), 4 steps, a checkpoint every 2: resumed from step 2, the adapters, head and
+    DIME buffers end equal (tolerance 0) to the uninterrupted run's."""
+    run = ["fit", "--config", DOMAIN, "--config", TINY, *QUIET, "--seed_everything", "0",
+           "--model.init_args.adapter.init_args.dropout", "0.2", "--data.init_args.augment", "true",
+           "--trainer.max_epochs", "1000", "--trainer.max_steps", "4", "--checkpoint.every_n_train_steps", "2",
+           "--checkpoint.save_top_k", "-1"]
+    cli_main([*run, "--trainer.default_root_dir", str(tmp_path / "straight")])
+    (middle,) = (tmp_path / "straight" / "checkpoints").glob("*step=2.ckpt")
+    cli_main([*run, "--trainer.default_root_dir", str(tmp_path / "resumed"), "--ckpt_path", str(middle)])
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4 and a["state_dict"].keys() == b["state_dict"].keys()
+    mid = torch.load(middle, weights_only=True)["state_dict"]
+    assert any(not torch.equal(v, mid[k]) for k, v in a["state_dict"].items() if v.is_floating_point())
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=0, msg=k)
