@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--no-fp32-row", action="store_true", help="skip the 32-true FairLLaVA row (saves one LoRA stage per seed)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prior-only", action="store_true", help="print the closed-answer prior line of the table only")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -187,6 +188,9 @@ def main() -> None:
     dm = RadiologyVQAData(**base_data)
     dm.setup()
     print(f"[{time.time() - start:6.0f}s] CLIP and cohort ready: {dm.split_sizes}", file=sys.stderr, flush=True)
+    prior = answer_prior(dm)
+    if args.prior_only:
+        return print(prior)
     fp32_row = low != "32-true" and "FairLLaVA" in args.methods and not args.no_fp32_row
     rows = [(m, low) for m in args.methods] + ([("FairLLaVA", "32-true")] if fp32_row else [])
     results: dict[tuple[str, str], list[dict[str, Any]]] = {r: [] for r in rows}
@@ -210,8 +214,9 @@ def main() -> None:
             print(f"[{time.time() - start:6.0f}s] seed {seed} {method} {prec}: acc {res['closed_acc']:.3f} gap {res['gap']:.3f} "
                   f"cardiomegaly gap {res['focus_gap']:.3f} MI sex {res['mi_sex']:.3f} ({secs:.0f}s)", file=sys.stderr, flush=True)
             if args.out:  # rows kept as the run goes
-                args.out.write_text(render(results, params, args, low, time.time() - start, time.process_time() - cpu0, partial=True))
-    report = render(results, params, args, low, time.time() - start, time.process_time() - cpu0)
+                args.out.write_text(render(results, params, args, low, time.time() - start, time.process_time() - cpu0, partial=True,
+                                           prior=prior))
+    report = render(results, params, args, low, time.time() - start, time.process_time() - cpu0, prior=prior)
     print(report)
     if args.out:
         args.out.write_text(report)
@@ -228,8 +233,28 @@ def _ms(values: list[float], scale: float = 100.0) -> str:
     return f"{scale * np.nanmean(v):.1f} ± {scale * np.nanstd(v):.1f}"
 
 
+def answer_prior(dm: RadiologyVQAData) -> str:
+    """The closed-answer prior as a table line: the training split's most frequent closed answer and
+    the test accuracy of always giving it (overall and on the planted finding's questions). A
+    method at or below it has not learnt to read the images."""
+    import collections
+
+    def closed(split: str) -> list[dict[str, Any]]:
+        ds = dm.splits[split]
+        return [item for item in (ds[i] for i in range(len(ds))) if item["question_type"] == "closed"]
+
+    train, test = closed("train"), closed("test")
+    majority = collections.Counter(item["answer"] for item in train).most_common(1)[0][0]
+    focus = [item for item in test if item["topic"] == dm.synth.bias_finding]
+    acc = 100 * np.mean([item["answer"] == majority for item in test])
+    focus_acc = 100 * np.mean([item["answer"] == majority for item in focus]) if focus else float("nan")
+    return (f"Answer prior: always answering {majority!r} (the training split's most frequent closed answer) scores "
+            f"{acc:.1f} % closed accuracy on the {len(test)} closed test questions ({focus_acc:.1f} % on the "
+            f"{len(focus)} {dm.synth.bias_finding} questions). A method at or below it answers from the prior, not the image.")
+
+
 def render(results: dict, params: dict, args: argparse.Namespace, low: str, seconds: float, cpu: float,
-           partial: bool = False) -> str:
+           partial: bool = False, prior: str = "") -> str:
     n = min((len(v) for v in results.values()), default=0)
     lines = ["# Fair radiology VQA: FairLLaVA vs baselines", "",
              *(["**Partial: the run has not finished.**", ""] if partial else []),
@@ -264,6 +289,8 @@ def render(results: dict, params: dict, args: argparse.Namespace, low: str, seco
         lines += ["", f"Goal (lower sex gap than LoRA at equal accuracy within 1 point, and a lower MI estimate): "
                   f"**{'met' if met else 'not met'}** (accuracy {acc:+.1f} points, gap {100 * gap:+.1f} points, "
                   f"MI age + sex {1000 * mi:+.1f} millinats)."]
+    if prior:
+        lines += ["", prior]
     fp32, bf16 = results.get(("FairLLaVA", "32-true"), []), results.get(("FairLLaVA", "bf16-mixed"), [])
     if fp32 and bf16:
         t = np.mean([r["secs"] for r in bf16]) / np.mean([r["secs"] for r in fp32])
