@@ -276,8 +276,11 @@ class ResumableDataLoader(DataLoader):
                 # the uninterrupted run built its iterator earlier, from the state saved then
                 self.generator = torch.Generator()
                 self.generator.set_state(restore["iter_rng"])
-        if builds:
-            self._iter_rng = restore["iter_rng"] if self.generator is not own else (torch.get_rng_state() if own is None else None)
+        if builds:  # the state the new iterator draws its base seed from (None: the user's own generator)
+            if self.generator is not own:
+                self._iter_rng = restore["iter_rng"]
+            else:
+                self._iter_rng = torch.get_rng_state() if own is None else None
         self._skip = start
         try:
             it = super().__iter__()
