@@ -292,8 +292,10 @@ class ResumableDataLoader(DataLoader):
     def state_dict(self) -> dict[str, Any]:
         # every rank's states: their draws part where their batches differ in shape (dropout on
         # sequences of other lengths). Lightning calls this on every rank while saving a checkpoint.
+        from suite.strategies import every_rank
+
         mine = {"now": rng_states(), "iter": self._iter_rng}
-        return {"batches_yielded": self._yielded, "random": _gathered(mine)}
+        return {"batches_yielded": self._yielded, "random": every_rank(mine)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         n = int(state.get("batches_yielded", 0))
@@ -301,7 +303,9 @@ class ResumableDataLoader(DataLoader):
         self._restore = None
         saved = state.get("random")  # absent from a checkpoint written before they were saved
         if saved:
-            rank, world = _rank_and_world()
+            from suite.strategies import rank_and_world
+
+            rank, world = rank_and_world()
             if len(saved) != world:
                 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -310,25 +314,6 @@ class ResumableDataLoader(DataLoader):
             mine = saved[rank % len(saved)]
             self._restore = {"rng": mine["now"], "iter_rng": mine["iter"]}
 
-
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gathered(obj: Any) -> list[Any]:
-    """``obj`` of every rank, by rank (``[obj]`` in one process)."""
-    import torch.distributed as dist
-
-    _, world = _rank_and_world()
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
 
 class _FitLoop(_LightningFitLoop):
     def setup_data(self) -> None:

@@ -148,6 +148,28 @@ class FSDP2Strategy(ModelParallelStrategy):
             super()._configure_launcher()
 
 
+# --- ranks ---------------------------------------------------------------------------------------
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of ranks) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def every_rank(obj: Any) -> list[Any]:
+    """``obj`` of every rank, by rank (``[obj]`` in one process). A collective: every rank calls it."""
+    import torch.distributed as dist
+
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # --- FSDP2 helpers for code that runs the model outside a unit's forward ------------------------
 def fsdp_units_of(module: nn.Module) -> list[nn.Module]:
     """The FSDP2 units (``fully_shard`` modules) in ``module``, itself included; [] without FSDP2."""

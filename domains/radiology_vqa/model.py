@@ -62,7 +62,6 @@ import math
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -72,6 +71,7 @@ from suite.backbones.clip import build_clip
 from suite.chat import CHATML_TEMPLATE, IGNORE_INDEX, ChatCollator, encode_chat, encode_prompt, split_reply
 from suite.generation import generate
 from suite.module import AdaptedModule
+from suite.strategies import every_rank
 
 from .fairness import CLUBCategorical, GroupDRO, fairllava_loss, mid_layer, sample_image_token
 from .metrics import closed_correct, fairness_summary
@@ -430,9 +430,5 @@ def _tokenizer(source: str | None, default: str) -> Any:
 
 def _gather(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every rank's records (the same list on every rank); the records themselves without DDP."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return records
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, records)
-    return [r for p in parts for r in p]
+    return [r for part in every_rank(records) for r in part]
 

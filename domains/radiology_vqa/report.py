@@ -14,8 +14,9 @@ from typing import Any, Mapping, Sequence
 
 import lightning as L
 import numpy as np
-import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+from suite.strategies import every_rank
 
 from .metrics import fairness_summary, summary_markdown
 
@@ -97,10 +98,7 @@ class AnswerWriter(BasePredictionWriter):
         batches = predictions[0] if predictions and isinstance(predictions[0], list) and predictions[0] \
             and isinstance(predictions[0][0], list) else predictions
         records = [r for batch in batches for r in batch]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, records)
-            records = [r for p in parts for r in p]
+        records = [r for part in every_rank(records) for r in part]
         if not trainer.is_global_zero or not records:
             return
         dm = trainer.datamodule
