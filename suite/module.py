@@ -457,6 +457,15 @@ class AdaptedModule(L.LightningModule):
             rank_zero_info(f"precision {precision}: frozen weights stored in bf16 by an earlier bf16 run are used in fp32")
             store_frozen(self, torch.float32, frozen)
 
+    def _attention_for(self, precision: Any) -> None:
+        """timm attention as explicit products under bf16 on CPU (see :func:`suite.precision.explicit_attention_on_cpu_bf16`)."""
+        from suite.precision import explicit_attention_on_cpu_bf16
+
+        device = self.trainer.strategy.root_device.type if self._trainer is not None else self.device.type
+        n = explicit_attention_on_cpu_bf16(self, precision, device)
+        if n:
+            rank_zero_info(f"bf16 on CPU: {n} timm attention layers use explicit products (the CPU SDPA kernel is slower in bf16)")
+
     # --- FSDP2 ------------------------------------------------------------------------------
     #: extra methods of this module that run the model outside the step methods (a metric or a
     #: sampler called from a hook): under FSDP2 each gathers the parameters as ``forward`` does.
@@ -513,7 +522,9 @@ class AdaptedModule(L.LightningModule):
 
         if isinstance(self, FSDPModule):  # sharded by an earlier fit / test in this process
             return
-        self._store_frozen_for(self.trainer.precision if self._trainer is not None else None)
+        precision = self.trainer.precision if self._trainer is not None else None
+        self._store_frozen_for(precision)
+        self._attention_for(precision)
         mesh = getattr(self, "device_mesh", None)
         if mesh is None:
             return

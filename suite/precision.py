@@ -77,3 +77,27 @@ def store_frozen(module: nn.Module, dtype: torch.dtype, names: set[str] | None =
             p.data = p.data.to(dtype)
             n += 1
     return n
+
+
+def explicit_attention_on_cpu_bf16(module: nn.Module, precision: Any, device_type: str) -> int:
+    """timm attention layers as explicit products under bf16 on a CPU, ``F.scaled_dot_product_attention`` elsewhere.
+
+    Measured here (``benchmarks/results/adapters.md``, torch 2.14.1, 2 threads): the CPU SDPA
+    kernel is slower in bf16 than in fp32 and takes half of a bf16 ViT-S LoRA step, while timm's
+    explicit ``q @ k^T``, softmax, ``@ v`` path (``fused_attn = False``) runs on the matrix units:
+    the step takes 0.65x the SDPA one. The switch is timm's own per-layer flag, so weights and
+    checkpoints are untouched; another precision or device gets each layer's own setting back.
+    Returns how many layers were switched.
+    """
+    explicit = is_bf16(precision) and device_type == "cpu"
+    n = 0
+    for layer in module.modules():
+        if not hasattr(layer, "fused_attn"):
+            continue
+        if not hasattr(layer, "_suite_fused_attn"):
+            layer._suite_fused_attn = layer.fused_attn  # timm's choice at build time
+        wanted = False if explicit else layer._suite_fused_attn
+        if layer.fused_attn != wanted:
+            layer.fused_attn = wanted
+            n += explicit
+    return n

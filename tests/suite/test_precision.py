@@ -54,6 +54,7 @@ def test_bf16_training_stores_the_frozen_base_in_bf16_and_keeps_the_rest_fp32(tm
     qkv = model.backbone.blocks[0].attn.qkv
     assert qkv.base_layer.weight.dtype == torch.bfloat16 and qkv.lora.A.dtype == torch.float32
     assert model.head.weight.dtype == torch.float32 and model.backbone.norm.weight.dtype == torch.float32
+    assert not any(b.attn.fused_attn for b in model.backbone.blocks)  # explicit attention under bf16 on CPU
     states = cli.trainer.optimizers[0].state.values()
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
     ckpt = torch.load(cli.trainer.checkpoint_callback.last_model_path, weights_only=True)
@@ -63,6 +64,28 @@ def test_bf16_training_stores_the_frozen_base_in_bf16_and_keeps_the_rest_fp32(tm
     out = main(["test", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / "a"), *QUIET,
                 "--trainer.precision", "32-true", "--ckpt_path", "last"])
     assert "test/loss" in out.trainer.callback_metrics
+
+
+def test_timm_attention_is_explicit_under_cpu_bf16_only_and_computes_the_same() -> None:
+    """bf16 on CPU switches timm's attention to explicit products; fp32, or bf16 on another device,
+    gets timm's own setting back. Under autocast both paths agree to bf16 rounding (stated
+    tolerance: 3e-2 absolute on unit-scale outputs, ~4 bf16 ulps)."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=2).eval()
+    original = [b.attn.fused_attn for b in vit.blocks]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = vit(x).float()
+        assert precision.explicit_attention_on_cpu_bf16(vit, "bf16-mixed", "cpu") == 2
+        assert not any(b.attn.fused_attn for b in vit.blocks)
+        explicit = vit(x).float()
+    torch.testing.assert_close(explicit, fused, atol=3e-2, rtol=0)
+    assert precision.explicit_attention_on_cpu_bf16(vit, "32-true", "cpu") == 0
+    assert [b.attn.fused_attn for b in vit.blocks] == original
+    precision.explicit_attention_on_cpu_bf16(vit, "bf16-mixed", "cuda")  # a GPU's SDPA kernels are fast in bf16
+    assert [b.attn.fused_attn for b in vit.blocks] == original
 
 
 def test_the_nan_stop_still_fires_under_autocast(tmp_path: Path) -> None:
