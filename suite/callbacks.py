@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import nn
 
+from suite.precision import cpu_description
+
 #: distributions whose versions every run records
 RECORDED_PACKAGES = (
     "suite", "torch", "torchvision", "lightning", "torchmetrics", "timm", "segment-anything", "monai",
@@ -71,6 +73,7 @@ class RunRecord(L.Callback):
             "packages": package_versions(),
             "python": sys.version.split()[0],
             "platform": platform.platform(),
+            "cpu": cpu_description(),
             "git_commit": _git_commit(),
             "command": sys.argv,
             "world_size": trainer.world_size,

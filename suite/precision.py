@@ -35,6 +35,25 @@ def cpu_bf16_units() -> list[str]:
     return [unit for unit in ("amx_bf16", "avx512_bf16") if caps.get(unit)]
 
 
+def cpu_description() -> str:
+    """The CPU as benchmark tables and ``run.json`` name it: model, logical cores, native bf16 units.
+
+    Timings and even last-bit fp32 results differ between CPU kinds (an Intel CPU with AMX-BF16
+    and an AMD Zen 4 one with AVX512-BF16 only), so a measurement says which one it ran on.
+    """
+    import os
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:  # not Linux
+        pass
+    units = cpu_bf16_units()
+    return f"{name}, {os.cpu_count()} logical cores, bf16 units: {', '.join(units) if units else 'none'}"
+
+
 def choose_precision(accelerator: Any = "auto") -> tuple[str, str]:
     """``(precision, reason)`` for a run that did not ask for one."""
     name = str(accelerator or "auto").lower()

@@ -38,6 +38,7 @@ def test_runs_record_the_choice_and_a_user_can_force_either(tmp_path: Path, monk
     assert str(cli.trainer.precision) == "bf16-mixed"
     record = _run_json(tmp_path / "auto")
     assert record["precision"] == "bf16-mixed" and "amx_bf16" in record["precision_reason"]
+    assert record["cpu"] == precision.cpu_description() and record["cpu"].endswith("bf16 units: amx_bf16")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: NO_BF16)  # the detection forced off
     cli = main(["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path / "off"), *QUIET])
     assert str(cli.trainer.precision) == "32-true" and "no native bf16" in _run_json(tmp_path / "off")["precision_reason"]
