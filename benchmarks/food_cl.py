@@ -60,6 +60,7 @@ from domains.food_cl.data import FoodCLData  # noqa: E402
 from domains.food_cl.model import FoodDIME  # noqa: E402
 from suite.cli import main as cli_main  # noqa: E402
 from suite.module import rebuild_stage  # noqa: E402
+from suite.precision import cpu_bf16_units, cpu_description  # noqa: E402
 from suite.prerequisites import resolve as resolve_prerequisites  # noqa: E402
 from suite.stages import DONE  # noqa: E402
 
@@ -185,13 +186,13 @@ def main() -> None:
         saved = json.loads(Path(args.render).read_text())
         results = {n: {int(k): v for k, v in runs.items()} for n, runs in saved["per_seed"].items()}
         args.seeds, args.precisions, args.threads = saved["seeds"], saved["precisions"], saved["threads"]
+        args.cpu = saved.get("cpu", "CPU not recorded")
         write_results(results, {n: [tuple(c) for c in v] for n, v in saved["cost"].items()}, args, saved["epochs"],
                       datetime.datetime.fromisoformat(saved["started"]), saved["total_wall"], Path(args.out))
         return
     torch.set_num_threads(args.threads)
+    args.cpu = cpu_description()
     if any(p.startswith("bf16") for p in args.precisions):
-        from suite.precision import cpu_bf16_units
-
         if not cpu_bf16_units() and not torch.cuda.is_available():
             print("[food_cl] no native bf16 here: fp32 only")
             args.precisions = [p for p in args.precisions if not p.startswith("bf16")] or ["32-true"]
@@ -233,7 +234,7 @@ def write_results(results: dict[str, dict[int, dict]], cost: dict[str, list[tupl
         "# Food continual learning: DIME and its baselines",
         "",
         f"`nice -n 5 python benchmarks/food_cl.py --seeds {' '.join(map(str, seeds))} --precisions {' '.join(args.precisions)}` "
-        f"({started:%Y-%m-%d %H:%M}; {total_wall / 60:.0f} min wall on a shared 2-core machine, {args.threads} intra-op thread(s)). "
+        f"({started:%Y-%m-%d %H:%M}; {total_wall / 60:.0f} min wall on a shared 2-core machine, {args.threads} intra-op thread(s); {args.cpu}). "
         f"The stream of `domains/food_cl.yaml`: 50 generated dishes in 5 step-imbalanced tasks (rho 0.01), long-tailed "
         f"inside; {epochs} epochs per task, batch {_yaml(DOMAIN)['data']['init_args']['batch_size']}; seeds set the class order "
         "and task sizes, the batches and the adapters' initialisation. Accuracies in % on balanced test sets, mean ± std over "
@@ -285,7 +286,7 @@ def write_results(results: dict[str, dict[int, dict]], cost: dict[str, list[tupl
               if n in results and n != "joint (upper bound)"}
     out.with_suffix(".json").write_text(json.dumps({"summary": summary, "curves": curves, "seeds": seeds, "verdicts": verdicts,
                                                     "per_seed": results, "cost": cost, "precisions": args.precisions,
-                                                    "threads": args.threads, "epochs": epochs, "started": started.isoformat(),
+                                                    "threads": args.threads, "cpu": args.cpu, "epochs": epochs, "started": started.isoformat(),
                                                     "total_wall": total_wall}, indent=1, default=float))
     print("\n".join(lines))
 

@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more CLI overrides for every trained run")
     parser.add_argument("--json", type=Path, default=None, help="also write raw results here (and resume from it)")
     args = parser.parse_args()
+    from suite.precision import cpu_description
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(ROOT)
     start = time.time()
@@ -280,7 +282,7 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=1))
     total = time.time() - start
     header = (f"Nuclei ablation, {args.seeds} seeds (mean ± std), trained on generated tiles only; "
-              f"{datetime.date.today().isoformat()}, total {total / 60:.1f} min, {args.threads} threads")
+              f"{datetime.date.today().isoformat()}, total {total / 60:.1f} min, {args.threads} threads; {cpu_description()}")
     print(tables(results, header))
 
 
