@@ -60,7 +60,7 @@ from domains.food_cl.data import FoodCLData  # noqa: E402
 from domains.food_cl.model import FoodDIME  # noqa: E402
 from suite.cli import main as cli_main  # noqa: E402
 from suite.module import rebuild_stage  # noqa: E402
-from suite.precision import cpu_bf16_units, cpu_description  # noqa: E402
+from suite.precision import cpu_bf16_units, cpu_description, explicit_attention_on_cpu_bf16  # noqa: E402
 from suite.prerequisites import resolve as resolve_prerequisites  # noqa: E402
 from suite.stages import DONE  # noqa: E402
 
@@ -146,6 +146,7 @@ def replay(overrides: dict[str, Any], trained_root: Path, seed: int, precision: 
         dm.setup()
         model = FoodDIME(**(model_args(seed) | overrides), num_classes=dm.num_classes, classes_per_task=dm.classes_per_task, task=task)
         model.extend_from(previous)
+        explicit_attention_on_cpu_bf16(model, precision, "cpu")  # as a trained run's configure_model sets it
         if model.trains_adapter:  # the stack DIME trained for this task
             state = torch.load(trained_root / f"task{task}" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
             model.load_state_dict({k: v for k, v in state.items() if ".mlp.down." in k or ".mlp.up." in k}, strict=False)
@@ -233,7 +234,7 @@ def write_results(results: dict[str, dict[int, dict]], cost: dict[str, list[tupl
     lines = [
         "# Food continual learning: DIME and its baselines",
         "",
-        f"`nice -n 5 python benchmarks/food_cl.py --seeds {' '.join(map(str, seeds))} --precisions {' '.join(args.precisions)}` "
+        f"`python benchmarks/food_cl.py --seeds {' '.join(map(str, seeds))} --precisions {' '.join(args.precisions)}` "
         f"({started:%Y-%m-%d %H:%M}; {total_wall / 60:.0f} min wall on a shared 2-core machine, {args.threads} intra-op thread(s); {args.cpu}). "
         f"The stream of `domains/food_cl.yaml`: 50 generated dishes in 5 step-imbalanced tasks (rho 0.01), long-tailed "
         f"inside; {epochs} epochs per task, batch {_yaml(DOMAIN)['data']['init_args']['batch_size']}; seeds set the class order "
