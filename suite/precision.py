@@ -14,6 +14,8 @@ them for the matmuls). Checkpoints are unaffected: frozen weights are never save
 
 from __future__ import annotations
 
+import os
+import platform
 from typing import Any
 
 import torch
@@ -41,9 +43,6 @@ def cpu_description() -> str:
     Timings and even last-bit fp32 results differ between CPU kinds (an Intel CPU with AMX-BF16
     and an AMD Zen 4 one with AVX512-BF16 only), so a measurement says which one it ran on.
     """
-    import os
-    import platform
-
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -108,7 +107,7 @@ def explicit_attention_on_cpu_bf16(module: nn.Module, precision: Any, device_typ
     full bf16 training step: 0.65x for food_cl's 6-block ViT-Tiny at 32 px, 0.85x for ViT-S at
     224 px. The switch is timm's own per-layer flag, so weights and
     checkpoints are untouched; another precision or device gets each layer's own setting back.
-    Returns how many layers were switched.
+    Returns how many layers this call switched to explicit products.
     """
     explicit = is_bf16(precision) and device_type == "cpu"
     n = 0
@@ -120,5 +119,6 @@ def explicit_attention_on_cpu_bf16(module: nn.Module, precision: Any, device_typ
         wanted = False if explicit else layer._suite_fused_attn
         if layer.fused_attn != wanted:
             layer.fused_attn = wanted
-            n += explicit
+            if explicit:
+                n += 1
     return n
