@@ -16,9 +16,10 @@ augmentation draws in every row, so rows are paired by seed). Each run is scored
 The tables give mean +- std over seeds and paired differences (mean over seeds of the per-seed
 difference +- its standard error) for each component, as benchmarks/results/pointcloud.md does.
 
-Budget: 24 trained runs by default (7 rows x 3 seeds in bf16-mixed, the full row also in 32-true),
-an estimated hour on 2 idle CPU cores at ~2.5 min per run (the previous version's runs took
-~2.5 min; this one's augmentation adds data-loading work and is not timed yet). One process, one
+Budget: 24 trained runs by default (7 rows x 3 seeds in bf16-mixed, the full row also in 32-true).
+Measured on 2 cores shared with two other benchmarks, as two workers (``--rows`` split, one
+``--json`` each; rows pair by seed across them): 82 min wall, 4-8 min per run at about half a
+core each, so ~45 min for two workers on 2 idle cores, twice that for one. One process, one
 torch thread: on a 2-core machine shared with other jobs two threads spin-wait for each other,
 measured 10x slower per step. On a busy machine do not ``nice`` it: it then gets almost no CPU.
 
