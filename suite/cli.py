@@ -31,22 +31,16 @@ import sys
 from typing import Any, Optional
 
 import lightning as L
-from jsonargparse import Namespace, set_parsing_settings
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from suite.adapters import AdapterSpec
 from suite.callbacks import RunRecord
 from suite.checkpoint import AtomicCheckpointIO, SuiteTrainer
 from suite.module import CheckpointMismatchError
 from suite.precision import choose_precision
 from suite.prerequisites import Prerequisite
-
-# Specs are dataclasses, which jsonargparse reads field by field unless told otherwise. Enabling
-# subclasses lets a YAML (and LightningCLI's checkpoint instantiator) choose any method with
-# ``class_path: suite.adapters.MiCA``. Set here, where configs are parsed, not in the adapter layer.
-set_parsing_settings(subclasses_enabled=[AdapterSpec])
 
 #: ``data.init_args.X -> model.init_args.X`` at parse time; skipped when either class lacks X
 LINKED_ARGUMENTS = ("lookback", "horizon", "grid", "threshold_mev", "num_tasks", "task")

@@ -42,9 +42,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from jsonargparse import set_parsing_settings
+
 from suite.adapters import AdapterReport, AdapterSpec, adapter_layers, inject, load_adapters, parameter_report
 from suite.adapters.core import spec_from_config
 
+# Specs are dataclasses, which jsonargparse reads field by field unless told otherwise. Enabling
+# subclasses lets a YAML choose any method with ``class_path: suite.adapters.MiCA``, and lets
+# ``SomeModule.load_from_checkpoint`` rebuild a model from a CLI checkpoint's hyperparameters (they
+# hold such class paths) without the CLI imported. Set here, with the LightningModule that parses
+# them, not in the adapter layer, which imports without side effects.
+set_parsing_settings(subclasses_enabled=[AdapterSpec])
 
 # Checkpoints deliberately omit frozen base weights and on_load_checkpoint verifies the keys
 # itself, so Lightning's list of "missing" frozen keys is noise.

@@ -202,9 +202,10 @@ def test_stage_lists_are_checked_before_anything_runs(tmp_path: Path) -> None:
 # --- the adapter layer imports without side effects ---------------------------------------------------------
 def test_importing_the_adapter_layer_sets_no_jsonargparse_settings() -> None:
     """Specs are dataclasses, which jsonargparse reads field by field unless subclasses are enabled for
-    them; the CLI enables that, the adapter layer alone must not."""
+    them; the LightningModule layer enables that (so ``Module.load_from_checkpoint`` rebuilds a CLI
+    checkpoint's ``class_path: ...MALA`` adapter without the CLI imported), the adapter layer alone must not."""
     code = ("from jsonargparse._common import is_subclasses_disabled; import suite.adapters as a; "
-            "before = is_subclasses_disabled(a.AdapterSpec); import suite.cli; "
+            "before = is_subclasses_disabled(a.AdapterSpec); import suite.module; "
             "print(before, is_subclasses_disabled(a.AdapterSpec))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]
