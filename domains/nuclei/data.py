@@ -35,7 +35,7 @@ from .formats import (  # noqa: F401  (re-exported: the readers' public home is 
 )
 from .synth import CLASS_NAMES, generate_pannuke
 
-GENERATOR_VERSION = 2  # bump when synth.py or calibration.json change, so stale caches are not reused
+GENERATOR_VERSION = 3  # bump when synth.py or calibration.json change, so stale caches are not reused
 #: objective magnification of the real sources (PanNuke and CoNSeP are 40x scans)
 SOURCE_MAGNIFICATION = {"pannuke": 40, "consep": 40}
 

@@ -24,7 +24,11 @@ which file (``sources`` in the JSON lists them again):
   ``patch1-3.png``); eosin: the five H&E files (the IHC tile's second stain is DAB). Each slide
   mixes the fitted vectors with random Dirichlet weights (it stays inside their hull);
 * haematoxylin and eosin concentrations in nuclei and background, glass fraction, white level,
-  Macenko reference maxima: the five H&E files (median over files);
+  Macenko reference maxima: the five H&E files (median over files). The background haematoxylin
+  takes the real 5 / 50 / 95 % quantiles, not only the median (``_quantile_field``), on a texture
+  of slow staining clouds, a fine grain and the stroma fibres (``_haematoxylin_texture``). Version 2
+  drew its tail short (95 % / 50 % = 1.8 against the real 2.3) and smooth; trained on it, the
+  model marked real dark cytoplasm and stroma as nuclei (benchmarks/results/nuclei.md);
 * nucleus size (``generator.size_scale``), nuclear area fraction, chromatin and eosin texture
   lengths: the 40x files (``target_image.png`` and the three patches; ``histo.jpg`` and the IHC
   tile image smaller nuclei, 20x-like, and are left out of sizes);
@@ -292,6 +296,25 @@ def _arrange(tile: _Tile, names: list[str]) -> None:
                 break
 
 
+def _haematoxylin_texture(rng: np.random.Generator, size: int, fibres: np.ndarray, fibre_weight: float, mag: float) -> np.ndarray:
+    """Unit-variance haematoxylin texture outside nuclei: slow staining clouds plus a fine grain (cytoplasmic
+    granules, cell borders; stroma fibres where the tile has them), so that dark, textured but nucleus-free
+    regions exist as they do in real tissue and darkness alone does not mark a nucleus."""
+    cloud = _smooth_noise(rng, (size, size), 10 * mag)
+    grain = _smooth_noise(rng, (size, size), 1.5 * mag)
+    fine = np.sqrt(1 - fibre_weight) * grain + np.sqrt(fibre_weight) * fibres
+    w = rng.uniform(0.4, 0.8)  # share of the variance in the fine structure
+    return np.sqrt(1 - w) * cloud + np.sqrt(w) * fine / (fine.std() + 1e-8)
+
+
+def _quantile_field(z: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Map a unit-variance Gaussian field onto the real quantiles ``q`` (5, 50, 95 %): piecewise linear in z
+    through (-1.645, q5), (0, q50), (1.645, q95), continued beyond them, clipped at 0. The real
+    background's long upper tail (q95 / q50 = 2.3 in calibration.json) is reproduced, not only its median."""
+    z = z / (z.std() + 1e-8)
+    return np.clip(np.where(z < 0, q[1] + z * (q[1] - q[0]) / 1.645, q[1] + z * (q[2] - q[1]) / 1.645), 0.0, None)
+
+
 def _background(rng: np.random.Generator, size: int, fibre_angle: float, st: Stats, mag: float) -> tuple[np.ndarray, ...]:
     """Eosin and haematoxylin outside nuclei: cytoplasm / stroma with fibres, glass (lumen, fat, tears)."""
     big = int(size * 1.5)
@@ -308,8 +331,8 @@ def _background(rng: np.random.Generator, size: int, fibre_angle: float, st: Sta
     target = st.glass_fraction * st.glass_scale * rng.exponential(1.0)
     blobs = _smooth_noise(rng, (size, size), 18 * mag)
     space = blobs > np.quantile(blobs, 1 - min(target, 0.5)) if target > 0.002 else np.zeros((size, size), bool)
-    qh = st.background_h
-    haem = st.background_h_scale * (rng.uniform(0.6, 1.1) * qh[1] + 0.35 * (qh[2] - qh[1]) * np.clip(_smooth_noise(rng, (size, size), 10 * mag), -1, None))
+    haem = st.background_h_scale * rng.uniform(0.6, 1.1) * _quantile_field(_haematoxylin_texture(rng, size, fibres, fibre_weight, mag),
+                                                                           st.background_h)
     eosin, haem = np.clip(eosin, 0.02, None), np.clip(haem, 0.0, None)
     eosin[space] *= 0.05
     haem[space] *= 0.05
