@@ -108,6 +108,48 @@ def test_labels_are_the_assistant_turns_smollm2():
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(enc.input_ids)
 
 
+def test_truncation_bisection_matches_trying_every_drop_count(bpe):
+    """encode_chat / encode_prompt bisect over the drop count; the reference tries 0, 1, 2, ... in turn."""
+    import random
+
+    from suite.chat import _drop_first_exchange
+
+    def reference(msgs, max_length, keep_last_user, encode):
+        dropped = 0
+        while True:
+            ids = encode(msgs)
+            if len(ids) <= max_length:
+                return ids, dropped
+            step = _drop_first_exchange(msgs, keep_last_user)
+            if step is None:
+                return None, dropped
+            msgs, n = step
+            dropped += n
+
+    rng = random.Random(0)
+    words = "fever cough rash pain since yesterday three days worse at night no yes maybe doctor".split()
+    checked = 0
+    for _ in range(40):
+        msgs = [CONVERSATION[0]]
+        for _ in range(rng.randint(1, 12)):
+            msgs += [{"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 15)))},
+                     {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 15)))}]
+        for max_length in (12, 30, 60, 120, 400):
+            want, want_dropped = reference(msgs, max_length, False, lambda m: encode_chat(bpe, m).input_ids)
+            if want is None:
+                with pytest.raises(ConversationTooLong):
+                    encode_chat(bpe, msgs, max_length=max_length)
+            else:
+                got = encode_chat(bpe, msgs, max_length=max_length)
+                assert (got.input_ids, got.turns_dropped) == (want, want_dropped)
+                checked += want_dropped > 0
+            want, want_dropped = reference(msgs[:-1], max_length, True, lambda m: encode_prompt(bpe, m).input_ids)
+            if want is not None:
+                got = encode_prompt(bpe, msgs[:-1], max_length=max_length)
+                assert (got.input_ids, got.turns_dropped) == (want, want_dropped)
+    assert checked > 50  # most cases needed some exchanges dropped
+
+
 def test_truncation_drops_whole_earliest_turns(bpe, caplog):
     long = CONVERSATION + [
         {"role": "user", "content": "Should I see someone if it gets worse?"},
