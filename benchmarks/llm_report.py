@@ -251,8 +251,10 @@ def render(rows: list[dict], chosen: dict, ctx: Any, args: Any, config: str, wal
                                f"{_ms([r['init_mb'] for r in rs], digits=0)} |")
         out.append("")
 
+    n_seeds = len(args.seeds)
     out += ["## Claims\n", "Method minus reference, mean ± standard error, paired two ways: over seeds (each seed's score; with "
-            "2 seeds the SE has one degree of freedom) and, for per-item scores (exact match, multiple choice, retention), over "
+            f"{n_seeds} seeds the SE has {n_seeds - 1} degree{'s' if n_seeds != 2 else ''} of freedom) and, for per-item scores "
+            "(exact match, multiple choice, retention), over "
             "every test item of every seed (item-level; it does not see seed-to-seed training noise). A claim holds when the "
             "difference favours the method by more than two standard errors in every pairing shown; otherwise the verdict says "
             "whether it was within noise or the other way round.\n"]

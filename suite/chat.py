@@ -113,7 +113,7 @@ def train_bpe_tokenizer(corpus: Sequence[str], vocab_size: int = 4096) -> Any:
 def end_of_turn(tokenizer: Any) -> str:
     """The token that closes a turn: ChatML's ``<|im_end|>`` if the tokenizer has it, else its EOS."""
     # a lookup of the one token, not ``END_OF_TURN in tokenizer.get_vocab()``: that builds the whole
-    # vocabulary dict (49k entries for SmolLM2) on every call, and encode_chat calls this per turn
+    # vocabulary dict (49k entries for SmolLM2) on every call, and every chat encoding calls this
     eot_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
     if eot_id is not None and (eot_id != tokenizer.unk_token_id or tokenizer.unk_token == END_OF_TURN):
         return END_OF_TURN
