@@ -52,13 +52,14 @@ design is ~100 runs, i.e. several CPU hours, far beyond ~45 min on 2 cores. Ever
 has a flag (``--blocks``, ``--fact-batch``, ``--steps``, ``--facts-per-kind``, ``--real-items``,
 ``--text-convs``, ``--seeds``, ``--methods``, ``--tasks``, ``--fixed-lr``), each applied alike to
 every row, and the table's header prints the command it ran with. The committed table
-(``benchmarks/results/llm_adapters.md``) ran with::
+(``benchmarks/results/llm_adapters.md``: 3 seeds, the grids, both tasks; 96 runs, 33 min wall on 2 idle
+cores) ran with::
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/llm_adapters.py --workers 1 --tasks facts --seeds 0 1 \\
-        --blocks 4 --fact-batch 8 --steps 40 --facts-per-kind 6 --real-items 60 --text-convs 24 --fixed-lr \\
+    OMP_NUM_THREADS=1 python benchmarks/llm_adapters.py --workers 2 --tasks facts chat --seeds 0 1 2 \\
+        --blocks 4 --fact-batch 8 --steps 40 --facts-per-kind 6 --real-items 60 --text-convs 24 \\
         --rows runs/llm_adapters/rows.jsonl --out benchmarks/results/llm_adapters.md
 
-(one thread on a CPU shared with other jobs, < 40 min of wall clock). Runs go claim group by claim
+(first with ``--tasks facts``, then again with both tasks: the second reused the fact rows). Runs go claim group by claim
 group (every seed of a group before the next group), so an interrupted run leaves whole claims;
 ``--rows`` keeps every finished run (a rerun resumes) and ``--report-only`` renders the table from
 it, marking what did not run.
