@@ -333,7 +333,7 @@ def _background(rng: np.random.Generator, size: int, fibre_angle: float, st: Sta
     space = blobs > np.quantile(blobs, 1 - min(target, 0.5)) if target > 0.002 else np.zeros((size, size), bool)
     haem = st.background_h_scale * rng.uniform(0.6, 1.1) * _quantile_field(_haematoxylin_texture(rng, size, fibres, fibre_weight, mag),
                                                                            st.background_h)
-    eosin, haem = np.clip(eosin, 0.02, None), np.clip(haem, 0.0, None)
+    eosin = np.clip(eosin, 0.02, None)  # haem is >= 0 already (_quantile_field clips it)
     eosin[space] *= 0.05
     haem[space] *= 0.05
     return eosin, haem, space
