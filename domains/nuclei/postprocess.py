@@ -54,6 +54,54 @@ def config_for(magnification: int, overrides: dict[str, Any] | None = None) -> P
     return replace(BY_MAGNIFICATION[magnification], **(overrides or {}))
 
 
+#: the settings ``choose_postprocess`` searches; HoVer-Net's 40x and CellViT's 20x settings are on it
+SEARCH_GRID: dict[str, tuple[Any, ...]] = {
+    "sobel_kernel_size": (11, 21),
+    "marker_threshold": (0.4, 0.45, 0.5, 0.55),
+    "marker_radius": (2, 3, 4),
+}
+
+
+def choose_postprocess(
+    outputs: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    truths: list[np.ndarray],
+    grid: dict[str, tuple[Any, ...]] | None = None,
+    base: PostProcessConfig | None = None,
+) -> tuple[dict[str, Any], list[tuple[dict[str, Any], float]]]:
+    """Watershed settings chosen on held-out tiles by grid search, as StarDist's ``optimize_thresholds`` does.
+
+    ``outputs`` holds one (NP logits (2, H, W), h/v maps (2, H, W), boundary prob (H, W) or None) per
+    validation tile, ``truths`` its instance map. Every combination of ``grid`` (default
+    :data:`SEARCH_GRID`) over ``base`` is scored by bPQ (mean over tiles with nuclei). Returns the
+    best settings (first in grid order on a tie) and every (settings, bPQ), to go into
+    ``model.init_args.postprocess``. The search is ours: MONAI's HoVer-Net chain has no tuner.
+    """
+    from itertools import product
+
+    from .metrics import panoptic_quality
+
+    if len(outputs) != len(truths) or not truths:
+        raise ValueError(f"choose_postprocess needs one truth per output tile, got {len(outputs)} outputs and {len(truths)} truths")
+    grid = grid or SEARCH_GRID
+    unknown = set(grid) - set(PostProcessConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"grid fields {sorted(unknown)} are not PostProcessConfig fields "
+                         f"({sorted(PostProcessConfig.__dataclass_fields__)})")
+    scored = [i for i, t in enumerate(truths) if t.any()]  # PanNuke's bPQ skips tiles without nuclei
+    results = []
+    for values in product(*grid.values()):
+        settings = dict(zip(grid, values))
+        config = replace(base or PostProcessConfig(), **settings)
+        pq = []
+        for i in scored:
+            np_logits, hv, boundary = outputs[i]
+            inst = hovernet_instances(np_logits, hv, boundary if config.use_boundary else None, config)
+            pq.append(panoptic_quality(truths[i], inst)[0])
+        results.append((settings, float(np.mean(pq))))
+    best = max(results, key=lambda r: r[1])  # max keeps the first of equal scores
+    return best[0], results
+
+
 def hovernet_instances(
     np_logits: np.ndarray,
     hv: np.ndarray,

@@ -4,6 +4,7 @@ HMF / BGMR / adapter switches and the post-processing on known outputs."""
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from domains.nuclei.adapters import MALA, DynamicDepthwiseConv
 from domains.nuclei.model import NucleiSAM
 from suite.adapters import LoRA, inject
 from suite.backbones.sam import config_from_state, sam_image_encoder
+
+ROOT = Path(__file__).resolve().parents[3]
 
 TINY = {"embed_dim": 48, "depth": 2, "num_heads": 2, "window_size": 2, "global_attn_indexes": [1], "out_chans": 16}
 
@@ -189,10 +192,20 @@ def test_boundary_map_stays_at_decoder_resolution_with_pooled_contours():
         instances = model.predict_instances(out)  # the watershed reads the boundary upsampled to the tile
     assert len(instances) == 2 and instances[0][0].shape == (64, 64)
 
-def test_postprocess_recovers_instances_from_perfect_outputs():
+def _yaml_postprocess() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "domains" / "nuclei.yaml").read_text())["model"]["init_args"]["postprocess"]
+
+
+@pytest.mark.parametrize("settings", ["hovernet", "yaml"])
+def test_postprocess_recovers_instances_from_perfect_outputs(settings):
     from domains.nuclei.data import hover_maps
     from domains.nuclei.metrics import panoptic_quality
-    from domains.nuclei.postprocess import hovernet_instances, instance_types
+    from domains.nuclei.postprocess import config_for, hovernet_instances, instance_types
+
+    # HoVer-Net's 40x settings, and the default YAML's (chosen on generated validation tiles): both split touching nuclei
+    config = config_for(40, _yaml_postprocess() if settings == "yaml" else None)
 
     yy, xx = np.mgrid[:64, :64]
     inst = np.zeros((64, 64), np.int32)
@@ -201,7 +214,7 @@ def test_postprocess_recovers_instances_from_perfect_outputs():
     types = np.where(inst > 0, np.array([0, 1, 2, 3, 5])[inst], 0)
     fg = (inst > 0).astype(np.float32)
     logits = np.stack([1 - 2 * fg, 2 * fg - 1]) * 4
-    pred = hovernet_instances(logits, hover_maps(inst))
+    pred = hovernet_instances(logits, hover_maps(inst), config=config)
     assert len(np.unique(pred[pred > 0])) == 4  # the touching pair is split
     assert panoptic_quality(inst, pred)[0] > 0.85
     pred_types = instance_types(pred, np.eye(6)[types].transpose(2, 0, 1))
@@ -211,7 +224,7 @@ def test_postprocess_recovers_instances_from_perfect_outputs():
     # BGMR's boundary joined to the border (postprocess.use_boundary): the true contours keep 4 nuclei
     from skimage.segmentation import find_boundaries
 
-    with_boundary = hovernet_instances(logits, hover_maps(inst), find_boundaries(inst, mode="inner").astype(np.float32))
+    with_boundary = hovernet_instances(logits, hover_maps(inst), find_boundaries(inst, mode="inner").astype(np.float32), config)
     assert len(np.unique(with_boundary[with_boundary > 0])) == 4
 
 
@@ -292,3 +305,38 @@ def test_postprocess_is_the_same_inside_bf16_autocast():
         types = instance_types(pred, type_logits)
     np.testing.assert_array_equal(pred, reference)
     np.testing.assert_array_equal(types, instance_types(reference, type_logits))
+
+
+def test_choose_postprocess_scores_every_setting_and_returns_the_best():
+    from scipy import ndimage as ndi
+
+    from domains.nuclei.data import hover_maps
+    from domains.nuclei.metrics import panoptic_quality
+    from domains.nuclei.postprocess import PostProcessConfig, choose_postprocess, hovernet_instances
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    outputs, truths = [], []
+    for _ in range(3):  # touching discs; the h/v maps blurred as a network's come out
+        inst = np.zeros((64, 64), np.int32)
+        for i, (r, c) in enumerate(rng.uniform(10, 54, (5, 2)), start=1):
+            inst[((yy - r) ** 2 + (xx - c) ** 2 <= rng.uniform(5, 9) ** 2) & (inst == 0)] = i
+        fg = (inst > 0).astype(np.float32)
+        hv = ndi.gaussian_filter(hover_maps(inst), (0, 1.5, 1.5))
+        outputs.append((np.stack([1 - 2 * fg, 2 * fg - 1]) * 4, hv, None))
+        truths.append(inst)
+    outputs.append((np.stack([np.ones((64, 64)), -np.ones((64, 64))]), np.zeros((2, 64, 64)), None))
+    truths.append(np.zeros((64, 64), np.int32))  # a tile without nuclei: skipped, as PanNuke's bPQ does
+    grid = {"marker_threshold": (0.3, 0.4, 0.5, 0.6), "marker_radius": (1, 2)}
+    best, results = choose_postprocess(outputs, truths, grid)
+    assert [r[0] for r in results] == [{"marker_threshold": t, "marker_radius": m} for t in (0.3, 0.4, 0.5, 0.6) for m in (1, 2)]
+    for settings, score in results:  # each score is the mean bPQ of the tiles with nuclei, scored directly
+        config = PostProcessConfig(**settings)
+        direct = np.mean([panoptic_quality(t, hovernet_instances(o[0], o[1], None, config))[0] for o, t in zip(outputs[:3], truths[:3])])
+        assert score == pytest.approx(direct, abs=1e-12)
+    assert best == max(results, key=lambda r: r[1])[0]
+    assert max(r[1] for r in results) > 0.8 > min(r[1] for r in results)  # the settings matter on blurred maps
+    with pytest.raises(ValueError, match="sobel"):
+        choose_postprocess(outputs, truths, {"sobel": (3,)})
+    with pytest.raises(ValueError, match="one truth per output"):
+        choose_postprocess(outputs, truths[:2])
