@@ -159,8 +159,12 @@ def run_trained(row: str, seed: int, precision: str, epochs: int | None, threads
             "trainable": cli.model.report.trainable, "seconds": seconds}
 
 
-#: HoVer-Net's own 40x post-processing (``postprocess.BY_MAGNIFICATION[40]``), scored beside the YAML's
-HOVERNET_40X = {"sobel_kernel_size": 21, "marker_threshold": 0.4, "marker_radius": 2}
+def hovernet_40x() -> dict[str, Any]:
+    """HoVer-Net's own 40x watershed settings (``postprocess.BY_MAGNIFICATION[40]``), scored beside the YAML's."""
+    from domains.nuclei.postprocess import BY_MAGNIFICATION
+
+    c = BY_MAGNIFICATION[40]
+    return {"sobel_kernel_size": c.sobel_kernel_size, "marker_threshold": c.marker_threshold, "marker_radius": c.marker_radius}
 
 
 def score_postprocess(model: Any, precision: str, dm: Any, search: bool = False) -> dict[str, dict[str, Any]]:
@@ -168,7 +172,6 @@ def score_postprocess(model: Any, precision: str, dm: Any, search: bool = False)
     outputs: the generated validation tiles (where the YAML's was chosen), the generated test tiles, the real
     patches. ``search``: also the settings ``choose_postprocess`` picks on the validation tiles, and their scores."""
     import torch
-    import torch.nn.functional as F
 
     from domains.nuclei.metrics import panoptic_quality
     from domains.nuclei.postprocess import choose_postprocess
@@ -180,20 +183,15 @@ def score_postprocess(model: Any, precision: str, dm: Any, search: bool = False)
             return model.infer(x)
 
     norm = dm.normalizer()
-    sets = {split: [(dm.splits[split][i]["image"].permute(1, 2, 0).byte().numpy(), dm.splits[split][i]["inst_map"].numpy())
-                    for i in range(len(dm.splits[split]))] for split in ("val", "test")}
+    items = {split: [dm.splits[split][i] for i in range(len(dm.splits[split]))] for split in ("val", "test")}
+    sets = {split: [(t["image"].permute(1, 2, 0).byte().numpy(), t["inst_map"].numpy()) for t in tiles] for split, tiles in items.items()}
     sets["real"] = [(norm(p.image) if norm is not None else p.image, p.inst_map) for p in real_patches()]
     outputs = {k: [(infer(image), inst) for image, inst in items] for k, items in sets.items()}
     configured, result = dict(model.post_overrides), {}
-    candidates = [("configured", configured), ("hovernet", HOVERNET_40X)]
-    if search:
-        def arrays(out: dict[str, Any]) -> tuple[np.ndarray, ...]:
-            size = out["nucleus_prediction"].shape[-2:]
-            boundary = F.interpolate(out["boundary"].float(), size=size, mode="bilinear", align_corners=False)[0, 0].sigmoid().numpy() \
-                if model.use_bgmr else None
-            return out["nucleus_prediction"][0].float().numpy(), out["horizontal_vertical"][0].float().numpy(), boundary
-
-        best, _ = choose_postprocess([arrays(o) for o, _ in outputs["val"]], [gt for _, gt in outputs["val"]])
+    candidates = [("configured", configured), ("hovernet", hovernet_40x())]
+    if search:  # SEARCH_GRID leaves use_boundary off, so the boundary map is not needed
+        best, _ = choose_postprocess([(o["nucleus_prediction"][0].float().numpy(), o["horizontal_vertical"][0].float().numpy(), None)
+                                      for o, _ in outputs["val"]], [gt for _, gt in outputs["val"]])
         candidates.append(("searched", best))
         result["searched_settings"] = best
     try:
@@ -266,9 +264,10 @@ def tables(results: dict[str, dict[str, list[dict[str, Any]]]], header: str) -> 
             lines.append(f"| {ROWS[row][0]} | {prec} | {_fmt(a)} | {_fmt(b)} | {_paired(b, a)} |")
     post = [(row, prec, runs) for row, by in results.items() for prec, runs in by.items() if "postprocess" in runs[0]]
     if post:  # the YAML's watershed settings against HoVer-Net's 40x ones, on the same trained models
+        hn = hovernet_40x()
         lines += ["", "Post-processing: the YAML's (`model.init_args.postprocess`, chosen on the generated validation split) "
-                  f"against HoVer-Net's 40x (Sobel {HOVERNET_40X['sobel_kernel_size']}, markers below "
-                  f"{HOVERNET_40X['marker_threshold']}, opening radius {HOVERNET_40X['marker_radius']}), on the same network "
+                  f"against HoVer-Net's 40x (Sobel {hn['sobel_kernel_size']}, markers below "
+                  f"{hn['marker_threshold']}, opening radius {hn['marker_radius']}), on the same network "
                   "outputs; bPQ, mean per tile:", "",
                   "| row | precision | val, YAML | val, HoVer-Net | test, YAML | test, HoVer-Net | real, YAML | real, HoVer-Net | "
                   "real, YAML - HoVer-Net |", "|---|---|---|---|---|---|---|---|---|"]
