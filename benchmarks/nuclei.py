@@ -89,15 +89,19 @@ def score_real(predict: Any, normalizer: Any = None) -> dict[str, float]:
     return dict(zip(REAL, np.mean(rows, 0).tolist()))
 
 
-def model_predictor(model: Any, precision: str) -> Any:
-    """Tile -> instance map with a trained NucleiSAM (eval mode, autocast as in training)."""
+def infer_tile(model: Any, precision: str, image: np.ndarray) -> dict[str, Any]:
+    """A trained NucleiSAM's network outputs for one uint8 HWC tile, under the run's autocast (as in training)."""
     import torch
 
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
+        return model.infer(x)
+
+
+def model_predictor(model: Any, precision: str) -> Any:
+    """Tile -> instance map with a trained NucleiSAM (eval mode, autocast as in training)."""
     def predict(image: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
-            out = model.infer(x)
-        return model.predict_instances(out, 40)[0][0]
+        return model.predict_instances(infer_tile(model, precision, image), 40)[0][0]
 
     return predict
 
@@ -110,7 +114,6 @@ FIGURE_CROP = (slice(500, 820), slice(640, 960))
 def save_figures(model: Any, precision: str, normalizer: Any, test_tile: np.ndarray, folder: Path) -> None:
     """Overlays of the trained model's nuclei: ``real_overlay.png`` on the real crop (sliding window: 320 > 256 px;
     real pixels, kept out of the repository) and ``generated_overlay.png`` on a generated test tile (the README's)."""
-    import torch
     from PIL import Image
 
     from domains.nuclei.overlay import counts, overlay, with_legend
@@ -119,10 +122,7 @@ def save_figures(model: Any, precision: str, normalizer: Any, test_tile: np.ndar
     real = decode_image(wheel_member("tiatoolbox", "tiatoolbox/data/target_image.png"), "target_image")[FIGURE_CROP]
     folder.mkdir(parents=True, exist_ok=True)
     for name, tile, norm in (("real_overlay.png", real, normalizer), ("generated_overlay.png", test_tile, None)):
-        x = norm(tile) if norm is not None else tile
-        x = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None].float()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
-            inst, types = model.predict_instances(model.infer(x), 40)[0]
+        inst, types = model.predict_instances(infer_tile(model, precision, norm(tile) if norm is not None else tile), 40)[0]
         picture = with_legend(overlay(tile, inst, types), model.class_names, counts(inst, types, model.num_types))
         Image.fromarray(picture).save(folder / name, optimize=True)
 
@@ -171,22 +171,15 @@ def score_postprocess(model: Any, precision: str, dm: Any, search: bool = False)
     """bPQ (mean per tile) of the configured post-processing and of HoVer-Net's 40x one, on the same network
     outputs: the generated validation tiles (where the YAML's was chosen), the generated test tiles, the real
     patches. ``search``: also the settings ``choose_postprocess`` picks on the validation tiles, and their scores."""
-    import torch
-
     from domains.nuclei.metrics import panoptic_quality
     from domains.nuclei.postprocess import choose_postprocess
     from domains.nuclei.real import real_patches
-
-    def infer(image: np.ndarray) -> dict[str, Any]:
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
-            return model.infer(x)
 
     norm = dm.normalizer()
     items = {split: [dm.splits[split][i] for i in range(len(dm.splits[split]))] for split in ("val", "test")}
     sets = {split: [(t["image"].permute(1, 2, 0).byte().numpy(), t["inst_map"].numpy()) for t in tiles] for split, tiles in items.items()}
     sets["real"] = [(norm(p.image) if norm is not None else p.image, p.inst_map) for p in real_patches()]
-    outputs = {k: [(infer(image), inst) for image, inst in items] for k, items in sets.items()}
+    outputs = {k: [(infer_tile(model, precision, image), inst) for image, inst in items] for k, items in sets.items()}
     configured, result = dict(model.post_overrides), {}
     candidates = [("configured", configured), ("hovernet", hovernet_40x())]
     if search:  # SEARCH_GRID leaves use_boundary off, so the boundary map is not needed
