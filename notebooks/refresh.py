@@ -26,6 +26,7 @@ import argparse
 import base64
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,17 @@ def small_png(png: bytes, limit: int = MAX_FIGURE_BYTES) -> bytes:
         image = image.resize((int(image.width * 0.8), int(image.height * 0.8)))
 
 
+def prepare_run(meta: dict, run: Path, reuse: bool = False) -> None:
+    """Run the notebook's commands into ``run``, starting from an empty folder. An earlier run's files
+    would otherwise stay beside the new ones: Lightning writes ``last-v1.ckpt`` next to the old
+    ``last.ckpt``, and the old log versions stay for the notebook to find. With ``reuse`` an existing
+    run is kept as it is."""
+    if reuse and run.exists():
+        return
+    shutil.rmtree(run, ignore_errors=True)
+    run_commands(meta, run)
+
+
 def refresh(name: str, reuse: bool = False, timeout: int = 1800) -> Path:
     import nbformat
     from nbclient import NotebookClient
@@ -89,8 +101,7 @@ def refresh(name: str, reuse: bool = False, timeout: int = 1800) -> Path:
     nb = nbformat.read(path, as_version=4)
     meta = notebook_meta(nb)
     run = ROOT / "runs" / "notebooks" / name
-    if not (reuse and run.exists()):
-        run_commands(meta, run)
+    prepare_run(meta, run, reuse)
     env = {meta["env"]: str(run), "MPLBACKEND": INLINE}
     old = dict(os.environ)
     os.environ.update(env)
