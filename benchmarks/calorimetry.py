@@ -59,7 +59,7 @@ from tqdm import tqdm  # noqa: E402
 from domains.calorimetry.data import CaloShowerData, collate_showers  # noqa: E402
 from domains.calorimetry.metrics import compare, reference_metrics  # noqa: E402
 from domains.calorimetry.model import CaloShowerModel  # noqa: E402
-from domains.calorimetry.sampling import REFERENCE_SAMPLING  # noqa: E402
+from domains.calorimetry.network import REFERENCE_SAMPLING  # noqa: E402
 
 ALL = ["W_photon", "Ta_photon", "Pb_photon", "W_electron", "Ta_electron", "Pb_electron"]
 #: (stage, new class, closest expert): the reference's choices

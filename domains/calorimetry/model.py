@@ -4,7 +4,7 @@ The network (``network.py``) is a causal transformer over energy-ordered hits, e
 token plus an energy token, with one feed-forward expert per class (``<material>_<particle>``)
 behind a label-masked router and heads per particle: ours (``architecture: ours``) or the
 reference's ``ECAL_GPT`` (``architecture: fm4cal``). This module is its Lightning side: the
-losses, the lifecycle of extensions, generation (``sampling.py``), and the shower metrics (ours
+losses, the lifecycle of extensions, generation (``network.py``), and the shower metrics (ours
 and the reference's, ``metrics.py``).
 
 The lifecycle (each step one YAML of ``domains/calorimetry/lifecycle.yaml``):
@@ -29,7 +29,7 @@ recursively) and this model's :meth:`CaloShowerModel.extend_from` then extends i
 Reference bugs fixed: ``fine_tune.py`` imported a non-existent ``models/losses.py`` (every
 stage here is importable from YAML, tested); the new router row was copied from the *last*
 expert instead of the closest (see ``suite.adapters.moe``); de-tokenisation one bin too high
-and hard-coded Ta/Pb electron hit shifts (see ``tokens.py``); ``F.mse`` (no such function) in
+and hard-coded Ta/Pb electron hit shifts (see ``data.py``); ``F.mse`` (no such function) in
 the MoE balance loss, and experts sized for the config's six classes while pretraining on two
 (our experts are one per trained class, added one at a time). The reference's PiSSA helper
 sliced columns of V (``V[:, :r]``) where the top-r right singular vectors are rows of V^T
@@ -54,16 +54,14 @@ from suite.adapters import LoRA
 from suite.adapters.core import parameter_report
 from suite.module import AdaptedModule
 
-from .data import Geometry, parse_class, write_calochallenge
+from .data import Geometry, ShowerTokenizer, parse_class, write_calochallenge
 from .metrics import compare, reference_metrics
-from .network import ARCHITECTURES, PROJECTIONS
-from .sampling import REFERENCE_SAMPLING, Sampling, draw
-from .tokens import ShowerTokenizer
+from .network import ARCHITECTURES, PROJECTIONS, REFERENCE_SAMPLING, Sampling, draw
 
 #: hyperparameters that fix the architecture; a stage must use its init_from's values
 ARCHITECTURE = ("architecture", "grid", "energy_bins", "energy_spacing", "threshold_mev", "e_max_mev", "width", "depth",
                 "heads", "ffn_mult", "rope_theta", "backbone_seed")
-#: sampling presets: ours (constraints on) and FM4CAL's (see sampling.py)
+#: sampling presets: ours (constraints on) and FM4CAL's (see network.py)
 SAMPLING_PRESETS = {"ours": Sampling(), "reference": REFERENCE_SAMPLING}
 
 
@@ -89,7 +87,7 @@ class CaloShowerModel(AdaptedModule):
         head_weight_decay: weight decay of the particle heads in their own optimiser group, the
             rest at the optimiser's own (the reference fine-tunes with 0.1 on its heads, 0 else).
         max_hits: longest generated shower.
-        sampling: generation options (:class:`~domains.calorimetry.sampling.Sampling` fields),
+        sampling: generation options (:class:`~domains.calorimetry.network.Sampling` fields),
             optionally ``preset: reference`` (FM4CAL's: dynamic temperature, stop on either end
             token, no constraints) with overrides; default ours (constraints on).
         init_from: the previous stage's checkpoint (the stage runner passes it; an AdaptedModule argument).
@@ -457,7 +455,7 @@ class CaloShowerModel(AdaptedModule):
         return self._collect(batch)
 
     def on_predict_epoch_end(self) -> None:
-        from .plots import layer_images, observable_histograms
+        from .metrics import layer_images, observable_histograms
 
         root = Path(self.output_dir or Path(self.trainer.default_root_dir) / "predictions")
         root.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ from domains.calorimetry.data import (
     CaloShowerData,
     CaloUnitWarning,
     Geometry,
+    ShowerTokenizer,
     read_binning_xml,
     read_calochallenge,
     read_showers,
@@ -28,10 +29,16 @@ from domains.calorimetry.data import (
     write_calochallenge,
     write_sparse_showers,
 )
+from domains.calorimetry.metrics import (
+    binned_kl,
+    compare,
+    lateral_profile,
+    longitudinal_profile,
+    separation_power,
+    shower_observables,
+)
 from domains.calorimetry.synth import MATERIALS, simulate_showers
 from suite.data import DataFormatError
-from domains.calorimetry.metrics import binned_kl, compare, lateral_profile, longitudinal_profile, separation_power, shower_observables
-from domains.calorimetry.tokens import ShowerTokenizer
 
 GEO = Geometry((8, 6, 6), 10.0, 7.0)
 

@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from domains.calorimetry.data import Geometry, collate_showers, read_calochallenge, shower_hits
-from domains.calorimetry.synth import simulate_showers
 from domains.calorimetry.model import CaloShowerModel
+from domains.calorimetry.synth import simulate_showers
 from suite.adapters.base import adapter_layers
 
 ROOT = Path(__file__).resolve().parents[3]
