@@ -77,8 +77,8 @@ REAL = ("bPQ", "DQ", "SQ", "AJI")
 
 def score_real(predict: Any, normalizer: Any = None) -> dict[str, float]:
     """bPQ / DQ / SQ / AJI, mean over the three real patches, of ``predict(image uint8 HWC) -> inst_map``."""
+    from domains.nuclei.calibration import real_patches
     from domains.nuclei.metrics import aji, panoptic_quality
-    from domains.nuclei.real import real_patches
 
     rows = []
     for patch in real_patches():
@@ -116,8 +116,8 @@ def save_figures(model: Any, precision: str, normalizer: Any, test_tile: np.ndar
     real pixels, kept out of the repository) and ``generated_overlay.png`` on a generated test tile (the README's)."""
     from PIL import Image
 
-    from domains.nuclei.overlay import counts, overlay, with_legend
-    from domains.nuclei.real import decode_image, wheel_member
+    from domains.nuclei.calibration import decode_image, wheel_member
+    from domains.nuclei.postprocess import counts, overlay, with_legend
 
     real = decode_image(wheel_member("tiatoolbox", "tiatoolbox/data/target_image.png"), "target_image")[FIGURE_CROP]
     folder.mkdir(parents=True, exist_ok=True)
@@ -171,9 +171,9 @@ def score_postprocess(model: Any, precision: str, dm: Any, search: bool = False)
     """bPQ (mean per tile) of the configured post-processing and of HoVer-Net's 40x one, on the same network
     outputs: the generated validation tiles (where the YAML's was chosen), the generated test tiles, the real
     patches. ``search``: also the settings ``choose_postprocess`` picks on the validation tiles, and their scores."""
+    from domains.nuclei.calibration import real_patches
     from domains.nuclei.metrics import panoptic_quality
     from domains.nuclei.postprocess import choose_postprocess
-    from domains.nuclei.real import real_patches
 
     norm = dm.normalizer()
     items = {split: [dm.splits[split][i] for i in range(len(dm.splits[split]))] for split in ("val", "test")}

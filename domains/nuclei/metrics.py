@@ -39,8 +39,8 @@ import torch
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 from torchmetrics.functional.segmentation import dice_score
+from torchmetrics.utilities import dim_zero_cat
 
 
 def contingency(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

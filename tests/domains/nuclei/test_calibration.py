@@ -89,7 +89,7 @@ def _cached_wheels() -> bool:
 def test_refit_reproduces_the_committed_per_file_statistics(monkeypatch):
     """The refit's measurements of the real patch images equal the committed ones (read from the cached wheel)."""
     monkeypatch.setenv("SUITE_DATA_DIR", str(DEFAULT_DATA_DIR))
-    from domains.nuclei.real import patch_images
+    from domains.nuclei.calibration import patch_images
 
     committed = load_calibration()["per_file"]
     for name, image in patch_images().items():
@@ -102,7 +102,7 @@ def test_refit_reproduces_the_committed_per_file_statistics(monkeypatch):
 @pytest.mark.slow
 def test_refit_command_writes_a_calibration_the_generator_reads(tmp_path, monkeypatch):
     """``python -m domains.nuclei.calibration`` end to end, on generator tiles standing in for the wheels' files."""
-    import domains.nuclei.real as real
+    import domains.nuclei.calibration as real
     from domains.nuclei.calibration import main
 
     stats = calibrated_stats()

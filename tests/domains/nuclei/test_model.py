@@ -240,7 +240,7 @@ def test_without_stem_the_decoder_sees_sam_features_only():
 
 
 def test_boundary_branch_is_multi_context():
-    from domains.nuclei.layers import BoundaryBranch
+    from domains.nuclei.model import BoundaryBranch
 
     branch = BoundaryBranch(12)
     assert [b[0].dilation for b in branch.branches] == [(1, 1), (2, 2), (4, 4)]

@@ -80,7 +80,7 @@ def test_predict_writes_overlays_and_maps_then_notebook(run):
     assert inst.shape == types.shape == (64, 64) and set(np.unique(types)) <= set(range(6))
     from PIL import Image
 
-    from domains.nuclei.overlay import LEGEND_HEIGHT
+    from domains.nuclei.postprocess import LEGEND_HEIGHT
 
     assert np.asarray(Image.open(overlays[0])).shape == (64 + LEGEND_HEIGHT, 64, 3)  # the tile above its class legend
     table = pd.read_csv(pred / "counts.csv")
