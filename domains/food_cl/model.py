@@ -1,4 +1,5 @@
-"""DIME: class-incremental food recognition under dual imbalance with merged adapters.
+"""DIME: class-incremental food recognition under dual imbalance with merged adapters (and, at the end,
+the supervised pretraining of the backbone that DIME keeps frozen).
 
 Zhang et al., "Dual-Imbalance Continual Learning for Real-World Food Recognition" (CVPR 2026;
 reference code xiaoyanzhang1/DIME on LAMDA-PILOT). One fit per task (the suite's stages run the
@@ -9,7 +10,7 @@ sequence, each starting from the previous task's checkpoint):
    Softmax (logits + log n_c, for the long tail inside the task); SGD, momentum 0.9, lr 0.07,
    weight decay 5e-4, cosine schedule to 0 over the fit's epochs (the reference: 20 epochs of
    batch 16; our budget is in ``domains/food_cl.yaml``).
-2. **Merge** it into the running stack at the end of the last epoch (``merge.py``): DIME's
+2. **Merge** it into the running stack at the end of the last epoch (``adapters.py``): DIME's
    class-count-weighted joint-SVD merge with rank-wise rho (0.6 / 0.2 / 0.9), or a baseline.
 3. **Prototypes**: the mean feature of each of the task's classes under the merged stack is
    written into the global cosine classifier (optionally every seen class's, with old data).
@@ -26,7 +27,7 @@ averaging (``merge: average``), TIES (``merge: ties``), joint training (data ``m
 Reference bugs fixed (each behaviour kept as an option):
 
 * inverted class-count weights when the new task is the merge anchor (``merge_weights``; see
-  ``merge.py``);
+  ``adapters.py``);
 * old prototypes never refreshed after later merges change the features (``prototypes: refresh``);
 * a one-class task gives Balanced Softmax a single logit: its loss is 0 and its adapter never
   trains, yet the reference merges that untrained adapter (``one_class``). Here such a task
@@ -35,6 +36,7 @@ Reference bugs fixed (each behaviour kept as an option):
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Literal
 
@@ -42,18 +44,30 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from suite.adapters import AdapterSpec
 from suite.module import AdaptedModule, CheckpointMismatchError
 
-from .adapters import (CosineClassifier, PrototypeClassifier, adapter_stack, balanced_softmax_loss, load_adapter_stack,
-                       parallel_adapters, reset_trained, using_branch)
-from .backbone import build_vit, load_backbone_state, read_state_dict
-from .merge import Weights, average_merge, dime_merge, ties_merge
-from .predict import FoodPredictionWriter
+from .adapters import (
+    CosineClassifier,
+    PrototypeClassifier,
+    Weights,
+    adapter_stack,
+    average_merge,
+    balanced_softmax_loss,
+    build_vit,
+    dime_merge,
+    load_adapter_stack,
+    load_backbone_state,
+    read_state_dict,
+    reset_trained,
+    ties_merge,
+    using_branch,
+)
+from .metrics import FoodPredictionWriter
 
 Merge = Literal["dime", "average", "ties", "replace"]
 STATE_BUFFERS = ("tasks_learned", "merged_classes", "merged_count", "train_counts")
@@ -70,7 +84,7 @@ class FoodDIME(AdaptedModule):
     Args:
         num_classes, classes_per_task, task: the stream and the task this fit learns (linked
             from the data; ``classes_per_task`` is ``[C]`` for joint training).
-        backbone, img_size, backbone_kwargs: the timm ViT (:func:`~domains.food_cl.backbone.build_vit`);
+        backbone, img_size, backbone_kwargs: the timm ViT (:func:`~domains.food_cl.adapters.build_vit`);
             ``img_size`` must equal the data's ``image_size``.
         init_from: (an AdaptedModule argument) the previous task's checkpoint; for the first task
             the pretrained backbone: the ``foundation`` prerequisite (a cached pretraining run), a
@@ -372,7 +386,7 @@ class FoodDIME(AdaptedModule):
                 self.log("test/loss", F.cross_entropy(logits, labels[keep]), batch_size=int(keep.sum()))
 
     def on_test_epoch_end(self) -> None:
-        from .evaluate import evaluation_report, write_evaluation
+        from .metrics import evaluation_report, write_evaluation
 
         dm = self.trainer.datamodule
         report = evaluation_report([c.compute().cpu() for c in self._confusions], [row["task"] for row in self._rows],
@@ -394,3 +408,83 @@ class FoodDIME(AdaptedModule):
         learned = int(self.tasks_learned)
         rank_zero_info(f"task {self.task}: classes {self.task_classes.start}..{self.seen - 1} | tasks learned {learned} | "
                        f"merged stack covers {int(self.merged_classes)} classes of {int(self.merged_count)} task stacks")
+
+# --------------------------------------------------------------------------------------------------
+# Supervised pretraining of the food ViT on the pretraining dishes: the backbone DIME keeps frozen.
+#
+# DIME starts from a ViT pretrained on ImageNet-21k, whose features already separate foods; no ViT
+# weights can be downloaded here, so the default backbone is pretrained once, as a cached suite
+# prerequisite (``domains/food_cl.yaml`` declares it; ``domains/food_cl/pretrain.yaml`` is the fit),
+# on generated dishes whose recipes come from another random stream than the continual classes
+# (data ``mode: pretrain``), so no continual class is ever seen before its task.
+#
+# The whole ViT trains with a linear head: cross-entropy with label smoothing, AdamW and a
+# per-step cosine schedule with linear warm-up (the DeiT recipe, shortened). The head is dropped
+# afterwards: the continual model takes only the backbone (``FoodDIME.extend_from``).
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` to the base learning rate, then cosine decay to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class FoodViTPretrain(AdaptedModule):
+    """A timm ViT + linear head trained on every pretraining class.
+
+    Args:
+        num_classes: pretraining classes (linked from the data).
+        backbone, img_size, backbone_kwargs: the ViT (see :func:`~domains.food_cl.adapters.build_vit`);
+            must equal the continual model's (``domains/food_cl.yaml`` links them).
+        label_smoothing: of the cross-entropy (DeiT: 0.1).
+        warmup_fraction: share of the steps spent warming the learning rate up.
+    """
+
+    adapter_note = "pretraining trains the whole ViT (no adapter); the continual model adds AdaptFormer adapters"
+
+    def __init__(
+        self,
+        num_classes: int = 32,
+        backbone: str = "vit_tiny_patch16_224",
+        img_size: int = 32,
+        backbone_kwargs: dict[str, Any] | None = None,
+        label_smoothing: float = 0.1,
+        warmup_fraction: float = 0.05,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.num_classes, self.img_size = num_classes, img_size
+        self.label_smoothing, self.warmup_fraction = label_smoothing, warmup_fraction
+        with self.seeded():
+            self.backbone = build_vit(backbone, img_size, **(backbone_kwargs or {}))
+            self.head = nn.Linear(self.backbone.num_features, num_classes)
+        self.val_acc = MeanMetric()
+        self.load_init_from()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+    def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        logits = self(batch["image"])
+        return {"loss": F.cross_entropy(logits, batch["label"], label_smoothing=self.label_smoothing if self.training else 0.0),
+                "acc": (logits.argmax(-1) == batch["label"]).float().mean()}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        losses = self.compute_losses(batch)
+        self.val_acc.update(losses["acc"], weight=len(batch["label"]))
+        self.log("val/loss", losses["loss"], batch_size=len(batch["label"]))
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> Any:
+        if self.scheduler_factory is not None:
+            return super().configure_optimizers()
+        optimizer = self.optimizer_factory(self.param_groups())
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine(optimizer, total, max(1, round(self.warmup_fraction * total)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

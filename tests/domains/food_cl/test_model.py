@@ -13,10 +13,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from domains.food_cl.adapters import AdaptFormer, adapter_stack, load_adapter_stack, parallel_adapters, using_branch
+from domains.food_cl.adapters import (
+    AdaptFormer,
+    adapter_stack,
+    dime_merge,
+    load_adapter_stack,
+    parallel_adapters,
+    ties_merge,
+    using_branch,
+)
 from domains.food_cl.data import FoodCLData
-from domains.food_cl.evaluate import evaluation_report, task_confusion
-from domains.food_cl.merge import average_merge, dime_merge, ties_merge
+from domains.food_cl.metrics import evaluation_report, task_confusion
 from domains.food_cl.model import FoodDIME
 from suite.module import CheckpointMismatchError
 
