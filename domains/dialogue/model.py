@@ -25,7 +25,7 @@ multi-turn, multilingual preliminary consultation, told the patient's pre-contex
   (symptom recall), and, when the data has a ``heldout`` split of real conversations
   (chitchat / chatterbot), the perplexity of their assistant turns (``test/heldout_ppl``).
   ``predict`` writes self-played transcripts of ``predict_cases`` test
-  dialogues with the elicited symptoms marked (``consult.py``).
+  dialogues with the elicited symptoms marked (``metrics.py``).
 * **Chat.** ``python -m suite.chat --ckpt <run>/checkpoints/last.ckpt`` (or ``<run>/adapter``,
   written at the end of fit) talks to it; :meth:`MedAidLM.chat_system_prompt` is its hook.
 """
@@ -47,10 +47,9 @@ from suite.backbones.causal_lm import AUTO, TINY, build_causal_lm, resolve_causa
 from suite.chat import IGNORE_INDEX, MODEL_CARD, chat_tokenizer
 from suite.module import AdaptedModule
 
-from .consult import final_turns, self_play, transcript_markdown
 from .data import parse_pre_context_text, system_prompt
 from .kb import LANGUAGES, KnowledgeBase, load_kb
-from .metrics import PerplexityAccumulator, summarise
+from .metrics import PerplexityAccumulator, final_turns, self_play, summarise, transcript_markdown
 from .synth import consultation, dialogue_record
 
 
@@ -97,7 +96,7 @@ class MedAidLM(AdaptedModule):
         eval_cases / test_cases: dialogues (items, pre-context modes counted apart) whose final turn
             is generated in each validation / test epoch; None: all.
         selfplay_cases / predict_cases: self-played consultations in test / predict.
-        budget_factor, max_doctor_turns, generation_batch: see ``consult.py``.
+        budget_factor, max_doctor_turns, generation_batch: see ``metrics.py``.
         adapter: default :func:`medaid_adapter`.
     """
 

@@ -260,7 +260,7 @@ class RadiologyVLM(AdaptedModule):
 
     def configure_callbacks(self) -> list[Any]:
         """``predict`` writes answers.jsonl and the fairness report (report.AnswerWriter)."""
-        from .report import AnswerWriter
+        from .metrics import AnswerWriter
 
         return [AnswerWriter()]
 

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-import domains.dialogue.consult as consult
+import domains.dialogue.metrics as consult  # the consultations a model holds live beside their metrics
 from domains.dialogue.data import DialogueData, parse_pre_context_text
 from domains.dialogue.metrics import symptom_recall
 from domains.dialogue.model import MedAidLM, doctor_token_losses

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from domains.radiology_vqa.report import read_answers, write_report
+from domains.radiology_vqa.metrics import read_answers, write_report
 from domains.radiology_vqa.synth import SynthConfig
 from suite.cli import main as cli_main
 from tests.notebooks import assert_fresh, cell_outputs, run_notebook
