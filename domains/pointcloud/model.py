@@ -1,5 +1,6 @@
 """MCFT (and ``predict``'s writer, at the end): momentum-consistency fine-tuning of a pretrained point
-encoder (Paul, Patterson and Bouguila, "An Adapter-free Fine-tuning Approach for Tuning 3D Foundation Models", arXiv 2603.23730).
+encoder (Paul, Patterson and Bouguila, "An Adapter-free Fine-tuning Approach for Tuning 3D Foundation
+Models", arXiv 2603.23730).
 
 Few labelled clouds are too few to fine-tune a whole foundation model (it overfits and drifts
 from its pretrained features) and adapters add inference cost. MCFT instead
