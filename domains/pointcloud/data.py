@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from suite.data import SuiteDataModule, cached, generated_dir, split_by_group
 
 from . import readers
-from .shapes import FEW_SHOT_CLASSES, PRETRAIN_CLASSES, make_corpus
+from .synth import FEW_SHOT_CLASSES, PRETRAIN_CLASSES, make_corpus
 
 #: the few-shot protocols of Point-BERT / Point-MAE (N-way K-shot), each over 10 seeded episodes
 FEW_SHOT_SETTINGS: dict[str, tuple[int, int]] = {"5w10s": (5, 10), "5w20s": (5, 20), "10w10s": (10, 10), "10w20s": (10, 20)}

@@ -42,7 +42,7 @@ import torch
 from suite.backbones.point import farthest_point_sample, gather_points
 from suite.data import DataFormatError
 
-from .shapes import normalize_unit_sphere, sample_surface
+from .synth import normalize_unit_sphere, sample_surface
 
 #: bump when a reader's output for the same files changes, so cached clouds are rebuilt
 READER_VERSION = 2

@@ -10,7 +10,7 @@ from scipy.spatial import cKDTree
 
 from domains.pointcloud import readers
 from domains.pointcloud.data import FEW_SHOT_SETTINGS, PointCloudData, few_shot_episodes, sample_episode
-from domains.pointcloud.shapes import FEW_SHOT_CLASSES, PRETRAIN_CLASSES, make_corpus, occlude, sample_surface, triangle_areas
+from domains.pointcloud.synth import FEW_SHOT_CLASSES, PRETRAIN_CLASSES, make_corpus, occlude, sample_surface, triangle_areas
 
 CUBE_V = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], float)
 CUBE_QUADS = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]

@@ -12,7 +12,7 @@ import yaml
 
 from domains.pointcloud.data import PointCloudData
 from domains.pointcloud.pretrain import SHIFT, SCALE, PointMAEPretrain, scale_and_translate, warmup_cosine
-from domains.pointcloud.shapes import FEW_SHOT_CLASSES, PRETRAIN_CLASSES
+from domains.pointcloud.synth import FEW_SHOT_CLASSES, PRETRAIN_CLASSES
 from suite.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[3]
