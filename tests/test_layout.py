@@ -56,3 +56,14 @@ def test_generator_helpers_serve_only_the_generator():
                 continue
             top = [ln for ln in (package / name).read_text().splitlines() if ln.startswith(f"from .{stem} import")]
             assert not top, f"domains/{domain}/{name} imports {helper} at module level: it is then no generator-only helper"
+
+
+def test_script_entry_points_come_last():
+    """``python -m domains.<name>.<module>`` must see the whole module: a ``__main__`` block placed
+    before later definitions (easy when modules are merged) runs with them undefined."""
+    import ast
+
+    for path in sorted((ROOT / "domains").glob("*/*.py")) + sorted((ROOT / "suite").rglob("*.py")):
+        body = ast.parse(path.read_text()).body
+        mains = [i for i, node in enumerate(body) if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+        assert all(i == len(body) - 1 for i in mains), f"{path.relative_to(ROOT)}: the `if __name__ == '__main__'` block is not its last statement"

