@@ -23,6 +23,8 @@ import torch
 from scipy.stats import entropy, wasserstein_distance
 from torchmetrics.functional.classification import binary_auroc
 
+from suite.plots import pyplot
+
 from .formats import Geometry
 
 #: per-shower scalar observables, in the order :func:`shower_observables` returns them
@@ -299,16 +301,6 @@ def reference_metrics(reference: np.ndarray, generated: np.ndarray, geometry: Ge
 # PNG plots people look at: per-layer energy images and observable histograms, generated vs reference.
 
 
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display on servers and CI), imported when a plot is drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def layer_images(reference: np.ndarray, generated: np.ndarray, geometry: Geometry, path: str | Path, title: str = "") -> Path:
     """Mean energy per voxel, one panel per layer: reference (top row) and generated (bottom row).
 
@@ -319,7 +311,7 @@ def layer_images(reference: np.ndarray, generated: np.ndarray, geometry: Geometr
     ref, gen = np.asarray(reference).mean(0), np.asarray(generated).mean(0)
     nz = geometry.n_layers
     vmax = max(ref.max(), gen.max(), 1e-9)
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, nz, figsize=(min(1.6 * nz, 24.0), 3.6), squeeze=False)
     for row, (name, mean) in enumerate((("reference", ref), ("generated", gen))):
         for z in range(nz):
@@ -355,7 +347,7 @@ def observable_histograms(
     obs_g = shower_observables(generated, incident_gen_mev, geometry)
     cols = 3
     rows = int(np.ceil(len(OBSERVABLES) / cols))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
     for ax, name in zip(axes.flat, OBSERVABLES):
         a, b = obs_r[name][~np.isnan(obs_r[name])], obs_g[name][~np.isnan(obs_g[name])]

@@ -22,6 +22,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from suite.plots import pyplot
+
 #: training images per class above which a class is "head" (many-shot) and below which it is
 #: "tail" (few-shot): the thresholds of Liu et al., CVPR 2019 (ImageNet-LT), used for Food-101-LT
 MANY_SHOT = 100
@@ -197,10 +199,7 @@ def write_evaluation(report: dict[str, Any], root: str | Path, class_names: Sequ
 
 def plot_accuracy(report: dict[str, Any], path: Path, label: str = "DIME") -> None:
     """A_t after each task, and the accuracy matrix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks, acc = report["row_tasks"], np.array(report["acc_t"]) * 100
     matrix = np.array(report["acc_matrix"], dtype=float) * 100
@@ -230,10 +229,7 @@ def plot_accuracy(report: dict[str, Any], path: Path, label: str = "DIME") -> No
 
 def plot_task_confusion(report: dict[str, Any], path: Path) -> None:
     """Row-normalised confusion between tasks after the last task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     counts = np.array(report["task_confusion"], dtype=float)
     share = counts / np.maximum(counts.sum(1, keepdims=True), 1) * 100
@@ -297,10 +293,7 @@ class FoodPredictionWriter(BasePredictionWriter):
 def plot_samples(paths: Sequence[Path], labels: np.ndarray, preds: np.ndarray, names: Sequence[str],
                  task_of: np.ndarray, path: Path) -> None:
     """A grid of images titled with the predicted class and its task (red: wrong, with the truth)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from PIL import Image
 
     cols = min(6, len(paths))

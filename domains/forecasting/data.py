@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from suite.data import DataFormatError, SuiteDataModule, file_hash
+from suite.plots import pyplot
 
 from .synth import generated_csv
 
@@ -278,10 +279,7 @@ class ForecastData(SuiteDataModule):
         ``forecast`` is ``[windows, horizon, channels]`` in scaled units for windows starting at
         ``starts``. The plot shows, per channel, the last window's history, truth and forecast.
         """
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ from suite.adapters import AdapterSpec, parameter_report
 from suite.backbones.point import LoadReport, PointEncoder, PointEncoderConfig, load_encoder_state, load_point_mae
 from suite.callbacks import EMATeacher
 from suite.module import AdaptedModule, read_checkpoint
+from suite.plots import pyplot
 from suite.strategies import assign_
 
 from .pretrain import scale_and_translate
@@ -373,10 +374,7 @@ class CloudPredictionWriter(BasePredictionWriter):
 
 def plot_clouds(points: np.ndarray, pred: np.ndarray, label: np.ndarray, names: list[str], path: Path) -> None:
     """A grid of 3-D scatter plots, every cloud in the colour of its predicted class."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = min(4, len(points))
     rows = -(-len(points) // cols)

@@ -37,6 +37,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torchmetrics.functional.classification import binary_calibration_error, binary_fairness, binary_groups_stat_rates
 
+from suite.plots import pyplot
 from suite.strategies import every_rank
 
 
@@ -278,10 +279,7 @@ def write_report(records: Sequence[Mapping[str, Any]], attributes: Sequence[str]
 def plot_groups(summaries: Mapping[str, Mapping[str, Any]], attributes: Sequence[str], path: str | Path) -> None:
     """One row per summary (all questions, the focus topic), one panel per attribute: closed accuracy
     per group with its 95 % CI, the overall accuracy as a dashed line, the max gap in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     attrs = [a for a in attributes if any(a in s for s in summaries.values())]
     rows = list(summaries)
