@@ -238,6 +238,7 @@ class CaloShowerData(SuiteDataModule):
     def loader(self, name: str, shuffle: bool = False, **kwargs: Any):  # type: ignore[override]
         return super().loader(name, shuffle=shuffle, collate_fn=collate_showers, **kwargs)
 
+
 # --------------------------------------------------------------------------------------------------
 # Shower tokens: each hit is a space token (its voxel) paired with an energy token (its deposit).
 #

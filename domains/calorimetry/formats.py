@@ -292,6 +292,7 @@ def read_showers(path: str | Path, grid: tuple[int, int, int], energy_unit: str 
     voxels = [np.flatnonzero(s) for s in showers]
     return ShowerFile(path, inc, voxels, [s[v] for s, v in zip(showers, voxels)], n_voxels, [None] * len(inc))
 
+
 # --------------------------------------------------------------------------------------------------
 # Detector binning: where each flattened voxel sits, read from CaloChallenge's binning XML files.
 #

@@ -297,6 +297,7 @@ class Fm4calTransformer(_ShowerNetwork):
 
 ARCHITECTURES = {"ours": ShowerTransformer, "fm4cal": Fm4calTransformer}
 
+
 # --------------------------------------------------------------------------------------------------
 # Drawing a shower token by token: FM4CAL's sampling options and our constraints, as pure functions.
 #

@@ -237,6 +237,7 @@ def summarise(records: Sequence[dict[str, Any]], kb: KnowledgeBase | None = None
                 out[f"{name}/{lang}"] = v
     return out
 
+
 # --------------------------------------------------------------------------------------------------
 # Consultations a model holds: final turns generated after a reference dialogue, consultations it
 # runs itself against the patient simulator, and their transcripts with the elicited symptoms marked.

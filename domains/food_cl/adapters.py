@@ -239,6 +239,7 @@ def balanced_softmax_loss(logits: Tensor, targets: Tensor, class_counts: Tensor,
     prior = class_counts.to(logits).clamp_min(1).log()
     return F.cross_entropy(logits + prior, targets, reduction=reduction)
 
+
 # --------------------------------------------------------------------------------------------------
 # The frozen timm ViT of the food domain and the checkpoints it loads.
 #
@@ -331,6 +332,7 @@ def load_backbone_state(backbone: nn.Module, state: dict[str, Tensor], source: s
         for k, target in own.items():
             own_state[target].copy_(theirs[k].to(own_state[target].dtype))
     return ignored
+
 
 # --------------------------------------------------------------------------------------------------
 # Adapter merges after each task: DIME's spectral merge and the baselines' averaging and TIES.

@@ -125,6 +125,7 @@ def summarize(acc_t: Sequence[float], acc: np.ndarray, classes_per_task: Sequenc
         "forgetting": forgetting(acc),
     }
 
+
 # --------------------------------------------------------------------------------------------------
 # What ``test`` reports and draws: accuracy after every task, the accuracy matrix, forgetting,
 # head / medium / tail accuracy and the confusion between tasks.
@@ -249,6 +250,7 @@ def plot_task_confusion(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
 
 # --------------------------------------------------------------------------------------------------
 # ``predict`` output: one CSV row per image with the task each class came from, and a PNG of samples.

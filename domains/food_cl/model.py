@@ -409,6 +409,7 @@ class FoodDIME(AdaptedModule):
         rank_zero_info(f"task {self.task}: classes {self.task_classes.start}..{self.seen - 1} | tasks learned {learned} | "
                        f"merged stack covers {int(self.merged_classes)} classes of {int(self.merged_count)} task stacks")
 
+
 # --------------------------------------------------------------------------------------------------
 # Supervised pretraining of the food ViT on the pretraining dishes: the backbone DIME keeps frozen.
 #

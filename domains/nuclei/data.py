@@ -362,6 +362,7 @@ def _collate_folder(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"image": item["image"][None], "display": item["display"][None], "name": [item["name"]],
             "magnification": torch.tensor([item["magnification"]]), "index": torch.tensor([item["index"]])}
 
+
 # --------------------------------------------------------------------------------------------------
 # Augmentations that carry a model across stains, scanners and magnifications, and stain normalisation.
 #

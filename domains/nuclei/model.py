@@ -300,6 +300,7 @@ def metrics_table(values: dict[str, float], title: str) -> str:
     lines += [f"{k:<24}{values[k]:>10.4f}" for k in keys if k in values]
     return "\n".join(lines)
 
+
 # --------------------------------------------------------------------------------------------------
 # The trainable parts between the frozen SAM encoder and the HoVer-Net heads: HMF, the decoder and BGMR's boundary branch.
 

@@ -185,6 +185,7 @@ def otsu_watershed(image: np.ndarray, min_object_size: int = 10, min_distance: i
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     return watershed(-distance, markers, mask=fg).astype(np.int32)
 
+
 # --------------------------------------------------------------------------------------------------
 # What people look at: class-coloured contour overlays with a legend (PNG), instance/type maps (.npy), counts (CSV).
 

@@ -331,6 +331,7 @@ class PointCloudClassifier(AdaptedModule):
             f"| {self.method} | {self.report.trainable:,} / {self.report.total:,} | {acc} |"
         )
 
+
 # --------------------------------------------------------------------------------------------------
 # ``predict`` output: one CSV row per cloud and a PNG of sample clouds coloured by prediction.
 

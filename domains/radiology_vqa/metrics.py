@@ -235,6 +235,7 @@ def summary_markdown(summary: Mapping[str, Any], attributes: Sequence[str]) -> s
                   f"EO difference {b.get('eo_diff', float('nan')):.3f}", ""]
     return "\n".join(lines)
 
+
 # --------------------------------------------------------------------------------------------------
 # ``predict`` output: every answer with its patient's group fields (JSONL, so anyone can re-audit the
 # numbers), and a fairness report (markdown + a per-group bar plot with bootstrap CIs).

@@ -144,6 +144,7 @@ def test_fm4cal_needs_its_cross_attention_block() -> None:
     with pytest.raises(ValueError, match="depth >= 1"):
         Fm4calTransformer(TOK, GRID, 32, 0, 4, 2, CLASSES, "photon", 1000.0, 0.0)
 
+
 # --------------------------------------------------------------------------------------------------
 # FM4CAL's sampling options as pure functions: each filter against a hand-made distribution, the
 # dynamic temperature against its closed form, and draws that never leave what was allowed.

@@ -178,6 +178,7 @@ def test_balanced_softmax_by_hand():
     with pytest.raises(ValueError, match=r"class_counts has shape \(2,\), expected \(3,\)"):
         balanced_softmax_loss(z, torch.tensor([0]), counts)
 
+
 # --------------------------------------------------------------------------------------------------
 # DIME's spectral merge against its closed forms and the reference algorithm, the weight fix, and the baselines.
 

@@ -278,6 +278,7 @@ def test_datamodule_real_source_needs_a_train_or_val_folder():
     with pytest.raises(ValueError, match=r"data\.path needs a 'train' folder.*\['test'\]"):
         NucleiData(source="pannuke", path={"test": "Fold 3"})
 
+
 # --------------------------------------------------------------------------------------------------
 # Augmentations and stain normalisation: closed forms on Beer-Lambert images, identities, label consistency.
 
