@@ -15,8 +15,9 @@ what a user runs. Rows already in ``--rows-json`` are kept (the table can be bui
 sittings on a busy machine).
 
 Budgets (``--budget``; 1 torch thread per run, process CPU time, which other jobs on shared cores do
-not inflate the way they inflate wall time). Every run is scored on 24 test final turns (12 dialogues x
-given / withheld pre-context), 6 English self-played consultations and the perplexity of every test item.
+not inflate the way they inflate wall time). Every run is scored on the same 24 test final turns (a
+dialogue that has a pre-context once with it given and once withheld; one that has none, once), 6 English
+self-played consultations, the perplexity of every test item and that of real held-out chitchat.
 
 - ``en`` (the default): the default YAML's data size, 96 English consultations (24 steps of 4 an
   epoch; ``--epochs`` for more). A LoRA run is ~12 CPU-min in fp32 (6 of them training, ~15 CPU-s a
@@ -61,8 +62,7 @@ from suite.precision import BF16_MIXED, FP32, choose_precision, cpu_description 
 #: the training and test budgets (``--budget``; see the module docstring). ``en`` trains on the default
 #: YAML's data (96 English consultations, one epoch); ``en_hi`` on 48 consultations rendered in
 #: English and Hindi (96 items, the same 24 steps).
-COMMON = ["--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0", "--model.init_args.eval_cases", "0",
-          "--model.init_args.test_cases", "24", "--model.init_args.selfplay_cases", "0", "--model.init_args.predict_cases", "0"]
+COMMON = ["--trainer.limit_val_batches", "0", "--model.init_args.eval_cases", "0", "--model.init_args.test_cases", "24", "--model.init_args.selfplay_cases", "0", "--model.init_args.predict_cases", "0"]
 BUDGETS: dict[str, tuple[str, list[str]]] = {
     "en": ("96 English consultations", [
         "--data.init_args.languages", "[en]", "--data.init_args.n_dialogues", "128",
@@ -253,8 +253,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--budget", default="en", choices=list(BUDGETS), help="training and test data (BUDGETS)")
     ap.add_argument("--report", action="store_true", help="only build the table from --rows-json (runs nothing)")
-    ap.add_argument("--epochs", type=int, default=1, help="training epochs (trainer.max_epochs; the budgets' is 1)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (en: ~6 GB RSS a run; en_hi: 13-22 GB, keep 1)")
+    ap.add_argument("--epochs", type=int, default=1, help="training epochs (trainer.max_epochs)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, one torch thread each (peak RSS a run in fp32, en: 6-11 GB, DoRA the most; en_hi: 13-22 GB, keep 1)")
     ap.add_argument("--rows-json", type=Path, default=None, help="results kept between sittings (default: WORK/rows.jsonl)")
     ap.add_argument("--work", type=Path, default=None, help="run folders (default: runs/dialogue_bench/BUDGET)")
     ap.add_argument("--lm", default="auto", help="the LM (model.init_args.backbone); 'tiny' checks the script end to end in minutes, its numbers mean nothing")
