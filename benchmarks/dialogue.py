@@ -275,6 +275,9 @@ def main() -> None:
     # bf16-mixed where the CPU has bf16 matrix units, else fp32 (suite.precision, as a run of the YAML
     # chooses): without them a bf16 matmul runs ~60x slower than fp32 (AVX2-only AMD EPYC, torch 2.14.1)
     primary, why = choose_precision("cpu")
+    if args.report and done:  # the table is of the runs in the file, whichever CPU made them
+        primary = statistics.mode(d["precision_arg"] for d in done)
+        why = f"the precision of most runs in {args.rows_json.name}"
     print(f"precision {primary}: {why}", flush=True)
     plan = [(row, s, primary) for row in args.rows for s in (args.seeds[:1] if row == "zero_shot" else args.seeds)]
     if primary != FP32:
