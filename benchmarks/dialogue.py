@@ -182,7 +182,7 @@ def run_one(row: str, seed: int, precision: str, run_dir: Path, lm: str = "auto"
         steps=len(timer.cpu), peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         fit_cpu_s=fit_cpu, total_cpu_s=time.process_time() - t0[0], total_wall_s=time.perf_counter() - t0[1],
         train_items=len(dm.splits["train"]), test_items=len(items), lm=model.lm_source, precision=str(trainer.precision), budget=budget,
-        epochs=epochs,
+        epochs=epochs, cpu=cpu_description(),
     )
     (run_dir / "played.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in played), encoding="utf-8")
     return out
@@ -315,7 +315,7 @@ def main() -> None:
         f"all runs (1 torch thread each), "
         + (f"built from {args.rows_json.name} (--report); " if args.report else f"{args.jobs} at once, this sitting {(time.time() - t_start) / 60:.0f} min wall; ")
         + "load average "
-        f"{load0[0]:.1f} at start and {os.getloadavg()[0]:.1f} at end; CPU: {cpu_description()}; precision {primary} ({why}).  ",
+        f"{load0[0]:.1f} at start and {os.getloadavg()[0]:.1f} at end; CPU: {first.get('cpu', cpu_description())}; precision {primary} ({why}).  ",
         f"LM: {first.get('lm', '-')}. Data: {first.get('train_items', '-')} training items ({data}, {args.epochs} epoch(s), batch 4), "
         f"{first.get('test_items', '-')} test items; every row is scored on the same 24 test final turns (a dialogue that has a "
         f"pre-context once with it given and once withheld; one that has none, once), {SELFPLAY} English self-played consultations, the perplexity of every test item and of "
