@@ -84,6 +84,23 @@ def doctor_token_losses(lm: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.
     return F.cross_entropy(logits.float(), target[sel], reduction="none"), sel
 
 
+def act_token_weights(sel: torch.Tensor, tokens: int, weight: float) -> torch.Tensor:
+    """Loss weights for the labelled positions of ``sel`` (``[B, T]``, as :func:`doctor_token_losses`
+    returns it), in its order: ``weight`` for the first ``tokens`` tokens of every labelled run (a
+    doctor turn), 1 for the rest.
+
+    Those first tokens choose the turn's act ("Do you have ...", "Are you allergic ...", "From what
+    you describe ..."): ask a symptom, ask a profile field the pre-context lacks, or close.
+    """
+    idx = torch.arange(sel.shape[1], device=sel.device).expand_as(sel)
+    start = sel & ~F.pad(sel[:, :-1], (1, 0), value=False)
+    last_start = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    act = (idx - last_start) < tokens
+    w = torch.ones(sel.shape, device=sel.device)
+    w[act] = weight
+    return w[sel]
+
+
 class MedAidLM(AdaptedModule):
     """Doctor-turn language model with patient pre-context (see the module docstring).
 
@@ -97,6 +114,9 @@ class MedAidLM(AdaptedModule):
             is generated in each validation / test epoch; None: all.
         selfplay_cases / predict_cases: self-played consultations in test / predict.
         budget_factor, max_doctor_turns, generation_batch: see ``metrics.py``.
+        act_weight / act_tokens: the training loss weighs the first ``act_tokens`` tokens of every
+            doctor turn ``act_weight`` times the others (:func:`act_token_weights`); 1: the plain
+            mean over doctor tokens. Validation / test loss and perplexity are always unweighted.
         adapter: default :func:`medaid_adapter`.
     """
 
@@ -107,8 +127,12 @@ class MedAidLM(AdaptedModule):
                  quantize: str | None = None, max_length: int = 1024, eval_cases: int | None = 8,
                  test_cases: int | None = 32, selfplay_cases: int = 8, predict_cases: int = 8,
                  budget_factor: float = 1.5, max_doctor_turns: int = 12, generation_batch: int = 8,
+                 act_weight: float = 1.0, act_tokens: int = 4,
                  adapter: AdapterSpec | None = None, **kwargs: Any) -> None:
         super().__init__(adapter=adapter if adapter is not None else medaid_adapter(), **kwargs)
+        if act_weight <= 0 or act_tokens < 1:
+            raise ValueError(f"act_weight must be > 0 and act_tokens >= 1, got act_weight={act_weight}, act_tokens={act_tokens}")
+        self.act_weight, self.act_tokens = float(act_weight), int(act_tokens)
         self.kb = load_kb()
         self.max_length, self.budget_factor, self.max_doctor_turns = max_length, budget_factor, max_doctor_turns
         self.cases = {"val": eval_cases, "test": test_cases, "selfplay": selfplay_cases, "predict": predict_cases}
@@ -151,8 +175,11 @@ class MedAidLM(AdaptedModule):
 
     # --- training ----------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        losses, _ = doctor_token_losses(self.lm, batch)
-        return {"loss": losses.mean()}
+        losses, sel = doctor_token_losses(self.lm, batch)
+        if self.act_weight == 1:
+            return {"loss": losses.mean()}
+        w = act_token_weights(sel, self.act_tokens, self.act_weight).to(losses.dtype)
+        return {"loss": (w * losses).sum() / w.sum(), "token_loss": losses.mean().detach()}
 
     def on_train_epoch_start(self) -> None:
         self.lm.train()  # the LM is built in eval mode; adapter dropout (if any) must act in training

@@ -15,7 +15,7 @@ import torch
 import domains.dialogue.metrics as consult  # the consultations a model holds live beside their metrics
 from domains.dialogue.data import DialogueData, parse_pre_context_text
 from domains.dialogue.metrics import symptom_recall
-from domains.dialogue.model import MedAidLM, doctor_token_losses
+from domains.dialogue.model import MedAidLM, act_token_weights, doctor_token_losses
 from suite.adapters import AdapterLayer, adapter_layers
 from suite.chat import IGNORE_INDEX
 from suite.cli import main
@@ -58,6 +58,31 @@ def test_loss_is_on_doctor_tokens_only(model, dm):
     torch.testing.assert_close(losses.mean(), ref, rtol=1e-5, atol=1e-5)  # fp32 round-off
     torch.testing.assert_close(model.compute_losses(batch)["loss"], ref, rtol=1e-5, atol=1e-5)
     assert (batch["turns_dropped"] == 0).all()
+
+
+def test_act_tokens_weigh_the_first_tokens_of_every_doctor_turn(model, dm):
+    batch = next(iter(dm.val_dataloader()))
+    _, sel = doctor_token_losses(model.lm, batch)
+    w = act_token_weights(sel, 3, 5.0)
+    target = batch["labels"][:, 1:]
+    for r in range(len(batch["meta"])):  # reference: walk each row's labelled runs by hand
+        expect, run = [], 0
+        for t in range(target.shape[1]):
+            run = run + 1 if target[r, t] != IGNORE_INDEX else 0
+            if run:
+                expect.append(5.0 if run <= 3 else 1.0)
+        row = w[sel.nonzero()[:, 0] == r]
+        assert row.tolist() == expect
+        doctor_turns = sum(m["role"] == "assistant" for m in batch["messages"][r])
+        assert (row == 5.0).sum() == 3 * doctor_turns  # every doctor turn is longer than 3 tokens
+    losses, _ = doctor_token_losses(model.lm, batch)
+    weighted = MedAidLM(backbone="tiny", act_weight=5.0, act_tokens=3)
+    weighted.load_state_dict(model.state_dict())
+    out = weighted.compute_losses(batch)
+    torch.testing.assert_close(out["loss"], (w * losses).sum() / w.sum(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["token_loss"], losses.mean(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="act_weight must be > 0"):
+        MedAidLM(backbone="tiny", act_weight=0.0)
 
 
 def test_precontext_dropout_reaches_the_model(tmp_path):
