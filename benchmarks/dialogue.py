@@ -24,6 +24,9 @@ self-played consultations, the perplexity of every test item and that of real he
   step), ~6 GB peak RSS, so ``--jobs 2`` runs two at once on a 24 GB machine. The whole default
   table (zero-shot once, four adapter rows x 3 seeds) is ~170 CPU-min, ~1.5 h wall with ``--jobs 2``
   on 2 cores: over the ~45 min first planned, which one seed per adapter row (~65 CPU-min) meets.
+- ``en_x4``: 384 English consultations (96 steps an epoch), the data-size ablation: ~4x ``en``'s
+  training cost. Its split is drawn from 512 consultations, so its 24 scored final turns are other
+  consultations than ``en``'s, from the same generator.
 - ``en_hi``: 48 consultations, each rendered in English and Hindi (96 items, the same 24 steps). A Hindi
   item is ~4x the SmolLM2 tokens of an English one, so a train step costs ~38 CPU-s against ~8, and a
   run ~22 CPU-min (15 of them training). At this budget no adapter closes a consultation
@@ -66,6 +69,9 @@ COMMON = ["--trainer.limit_val_batches", "0", "--model.init_args.eval_cases", "0
 BUDGETS: dict[str, tuple[str, list[str]]] = {
     "en": ("96 English consultations", [
         "--data.init_args.languages", "[en]", "--data.init_args.n_dialogues", "128",
+        "--data.init_args.fractions", "{train: 0.75, val: 0.03125, test: 0.21875}", "--model.init_args.max_length", "1024", *COMMON]),
+    "en_x4": ("384 English consultations", [
+        "--data.init_args.languages", "[en]", "--data.init_args.n_dialogues", "512",
         "--data.init_args.fractions", "{train: 0.75, val: 0.03125, test: 0.21875}", "--model.init_args.max_length", "1024", *COMMON]),
     "en_hi": ("48 consultations, each rendered in English and Hindi", [
         "--data.init_args.languages", "[en, hi]", "--data.init_args.n_dialogues", "80",
