@@ -20,12 +20,13 @@ dialogue that has a pre-context once with it given and once withheld; one that h
 self-played consultations, the perplexity of every test item and that of real held-out chitchat.
 
 - ``en`` (the default): the default YAML's data size, 96 English consultations (24 steps of 4 an
-  epoch; ``--epochs`` for more). A LoRA run is ~12 CPU-min in fp32 (6 of them training, ~15 CPU-s a
-  step), ~6 GB peak RSS, so ``--jobs 2`` runs two at once on a 24 GB machine. The whole default
+  epoch; ``--epochs`` for more). A LoRA run is ~12 CPU-min in fp32 on an AVX2-only CPU (6 of them
+  training, ~15 CPU-s a step) and ~9 in bf16 on an AVX512-BF16 one (5 training, ~11 CPU-s a step),
+  ~6 GB peak RSS, so ``--jobs 2`` runs two at once on a 24 GB machine (DoRA peaks higher). The whole default
   table (zero-shot once, four adapter rows x 3 seeds) is ~170 CPU-min, ~1.5 h wall with ``--jobs 2``
   on 2 cores: over the ~45 min first planned, which one seed per adapter row (~65 CPU-min) meets.
 - ``en_x4``: 384 English consultations (96 steps an epoch), the data-size ablation: ~4x ``en``'s
-  training cost. Its split is drawn from 512 consultations, so its 24 scored final turns are other
+  training cost. Its split is drawn from 512 consultations, so its ~24 scored final turns are other
   consultations than ``en``'s, from the same generator.
 - ``en_hi``: 48 consultations, each rendered in English and Hindi (96 items, the same 24 steps). A Hindi
   item is ~4x the SmolLM2 tokens of an English one, so a train step costs ~38 CPU-s against ~8, and a
@@ -98,6 +99,9 @@ COLUMNS = [  # (metric key, heading, digits)
     ("test/diagnosis_acc/mode=given", "diagnosis acc, pre-context given", 3),
     ("test/diagnosis_acc/mode=blind", "diagnosis acc, pre-context withheld", 3),
     ("test/diagnosis_acc/mode=none", "diagnosis acc, dialogue had no pre-context", 3),
+    # how often the generated final turn closes at all (a diagnosis or "seek care now"), right or wrong: the decision
+    # the diagnosis accuracy depends on (withheld: the reference doctor closes, but was told the profile the model was not)
+    ("closed/mode=given", "closes, given", 3), ("closed/mode=blind", "closes, withheld", 3), ("closed/mode=none", "closes, no pre-context", 3),
     ("test/advice_acc/context_dependent/mode=given", "advice acc where it depends on the profile, given", 3),
     ("test/advice_acc/context_dependent/mode=blind", "same cases, withheld", 3),
     ("test/urgent_recall", "urgent cases told to seek care now", 3),
@@ -108,6 +112,29 @@ COLUMNS = [  # (metric key, heading, digits)
     ("test/ppl/mode=given", "doctor-turn ppl, given", 3), ("test/ppl/mode=blind", "doctor-turn ppl, withheld", 3),
     ("heldout_ppl", "chitchat ppl (held out, real)", 1),
 ]
+
+
+def closed_by_mode(run_dir: Path) -> dict[str, float]:
+    """``closed/mode=M``: the share of a run's generated test final turns (``generations/test-*.jsonl``)
+    that close the consultation, by pre-context mode; {} if the run left none. A turn closes when it
+    names a diagnosis or says to seek care now (``metrics.is_final``), or opens as the generator's
+    diagnosis sentences do ("From what you describe, this is most likely ...") before a disease the
+    knowledge base does not know ("... most likely asthma")."""
+    from domains.dialogue.kb import load_kb, normalise
+    from domains.dialogue.metrics import is_final
+
+    def closes(text: str, lang: str) -> bool:
+        openings = [normalise(t.split("{disease}")[0], lang) for t in kb.block(lang)["diagnosis"]]
+        return is_final(text, lang, kb) or any(o and o in normalise(text, lang) for o in openings)
+
+    files = sorted(Path(run_dir).glob("logs/version_*/generations/test-epoch*.jsonl"))
+    if not files:
+        return {}
+    kb, by_mode = load_kb(), {}
+    for line in files[-1].read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        by_mode.setdefault(r["pre_context_mode"], []).append(closes(r["final"], r["language"]))
+    return {f"closed/mode={m}": sum(v) / len(v) for m, v in by_mode.items()}
 
 
 def cli_args(row: str, seed: int, precision: str, run_dir: Path, lm: str = "auto", budget: str = "en", epochs: int = 1) -> list[str]:
@@ -154,6 +181,7 @@ def run_one(row: str, seed: int, precision: str, run_dir: Path, lm: str = "auto"
     fit_cpu = time.process_time() - t0[0]
     test = trainer.test(model, dm, verbose=False)[0]
     out: dict[str, Any] = {k: float(v) for k, v in test.items()}
+    out.update(closed_by_mode(run_dir))
     # self-played consultations (English), and perplexity on real held-out text
     model.eval()
     items = [dm.splits["test"][i] for i in range(len(dm.splits["test"]))]
@@ -281,6 +309,9 @@ def main() -> None:
     done = [json.loads(line) for line in args.rows_json.read_text().splitlines()] if args.rows_json.is_file() else []
     # rows written before --budget / --epochs existed are en_hi, one epoch
     done = [d for d in done if d.get("budget", "en_hi") == args.budget and d.get("epochs", 1) == args.epochs]
+    for d in done:  # rows written before the closing rates were recorded: from their run folders, where still here
+        if not any(k.startswith("closed/") for k in d):
+            d.update(closed_by_mode(args.work / f"{d['row']}-{d['precision_arg']}-s{d['seed']}"))
     # bf16-mixed where the CPU has bf16 matrix units, else fp32 (suite.precision, as a run of the YAML
     # chooses): without them a bf16 matmul runs ~60x slower than fp32 (AVX2-only AMD EPYC, torch 2.14.1)
     primary, why = choose_precision("cpu")
