@@ -123,9 +123,12 @@ def closed_by_mode(run_dir: Path) -> dict[str, float]:
     from domains.dialogue.kb import load_kb, normalise
     from domains.dialogue.metrics import is_final
 
+    openings: dict[str, list[str]] = {}  # per language: the diagnosis templates' text before {disease}
+
     def closes(text: str, lang: str) -> bool:
-        openings = [normalise(t.split("{disease}")[0], lang) for t in kb.block(lang)["diagnosis"]]
-        return is_final(text, lang, kb) or any(o and o in normalise(text, lang) for o in openings)
+        if lang not in openings:
+            openings[lang] = [o for t in kb.block(lang)["diagnosis"] if (o := normalise(t.split("{disease}")[0], lang))]
+        return is_final(text, lang, kb) or any(o in normalise(text, lang) for o in openings[lang])
 
     files = sorted(Path(run_dir).glob("logs/version_*/generations/test-epoch*.jsonl"))
     if not files:

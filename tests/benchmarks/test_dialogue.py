@@ -15,7 +15,7 @@ def test_closing_rates_count_every_closing_turn_by_mode(tmp_path):
     turns = [  # (mode, generated final turn, closes?)
         ("given", "From what you describe, this is most likely conjunctivitis. Clean your eyelids.", True),
         ("given", "From what you describe, this is most likely asthma. Rest.", True),  # a disease the knowledge base lacks
-        ("given", "Do you have any chronic health conditions?", False),  # "you have" is a diagnosis cue, not a close
+        ("given", "Do you have any chronic health conditions?", False),  # holds the diagnosis cue "you have", yet asks
         ("given", "One important question: do you have bluish lips?", False),
         ("blind", "Your symptoms suggest mastitis. Keep breastfeeding.", True),
         ("blind", "Are you allergic to any medicines?", False),
